@@ -1,0 +1,1 @@
+"""Offline stage: raw BraTS NIfTI case folders -> Zarr cache."""

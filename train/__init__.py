@@ -1,0 +1,1 @@
+"""Training stage: patch loader, training loop, prediction and evaluation."""
