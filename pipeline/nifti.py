@@ -50,3 +50,224 @@ def save_volume(
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+# --------------------------------------------------------------------------
+# Raw BraTS case folders: editions, discovery, reading, validation.
+# --------------------------------------------------------------------------
+
+import re  # noqa: E402  (kept beside the code that uses it)
+import zlib  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+from pipeline.errors import CaseError, MissingFileError  # noqa: E402
+
+#: Canonical channel order of every image array in the project.
+MODALITIES: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")
+
+
+@dataclass(frozen=True)
+class Edition:
+    """File naming and label set of one family of BraTS releases.
+
+    Attributes:
+        name: ``"brats2020"`` (2018–2021 naming) or ``"brats2023"``.
+        separator: character between the case id and the modality in file names.
+        suffixes: file-name modality for each canonical modality, in
+            :data:`MODALITIES` order.
+        labels: raw label values allowed in the segmentation.
+        label_map: raw label -> contiguous class (0 bg, 1 NCR, 2 ED, 3 ET).
+    """
+
+    name: str
+    separator: str
+    suffixes: tuple[str, ...]
+    labels: tuple[int, ...]
+    label_map: dict[int, int] = field(hash=False)
+
+
+EDITIONS: tuple[Edition, ...] = (
+    Edition("brats2020", "_", ("flair", "t1", "t1ce", "t2"), (0, 1, 2, 4), {0: 0, 1: 1, 2: 2, 4: 3}),
+    Edition("brats2023", "-", ("t2f", "t1n", "t1c", "t2w"), (0, 1, 2, 3), {0: 0, 1: 1, 2: 2, 3: 3}),
+)
+EDITION_BY_NAME = {e.name: e for e in EDITIONS}
+_NII = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
+# BraTS2020 training case 355 ships its label map as ``W39_1998.09.19_Segm.nii``.
+_QUIRK_SEG = re.compile(r"_Segm\.nii(\.gz)?$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    """The files of one raw case, as found on disk.
+
+    ``images`` follows :data:`MODALITIES` order; an entry is ``None`` when the
+    file is missing (reported by :func:`read_case`, never zero-filled).
+    """
+
+    case_id: str
+    folder: Path
+    edition: Edition
+    images: tuple[Path | None, ...]
+    seg: Path | None
+
+
+def _match(names: list[str], suffix: str) -> list[str]:
+    """File names ending in ``<suffix>.nii`` or ``<suffix>.nii.gz`` (case-insensitive)."""
+    low = suffix.lower()
+    return [n for n in names if _NII.search(n) and _NII.sub("", n).lower().endswith(low)]
+
+
+def _case_files(folder: Path, names: list[str]) -> CaseFiles | None:
+    """Recognise ``folder`` as a case of some edition, or return None."""
+    best: tuple[int, Edition] | None = None
+    for ed in EDITIONS:
+        hits = sum(bool(_match(names, ed.separator + s)) for s in ed.suffixes)
+        if hits and (best is None or hits > best[0]):
+            best = (hits, ed)
+    if best is None:
+        return None
+    ed = best[1]
+    images: list[Path | None] = []
+    for s in ed.suffixes:
+        hits = sorted(_match(names, ed.separator + s))
+        if len(hits) > 1:
+            raise CaseError(folder.name, str(folder), f"several files for modality {s!r}: {hits}")
+        images.append(folder / hits[0] if hits else None)
+    segs = sorted(_match(names, ed.separator + "seg")) or sorted(n for n in names if _QUIRK_SEG.search(n))
+    if len(segs) > 1:
+        raise CaseError(folder.name, str(folder), f"several label files: {segs}")
+    return CaseFiles(folder.name, folder, ed, tuple(images), folder / segs[0] if segs else None)
+
+
+def discover_cases(root: str | os.PathLike[str]) -> list[CaseFiles]:
+    """Find every case folder under ``root`` (searched recursively).
+
+    A folder is a case when it holds at least one modality file of a known
+    edition; its id is the folder name. Cases with missing modalities are
+    returned too (with ``None`` entries) so that they are reported, not lost.
+
+    Raises:
+        FileNotFoundError: ``root`` does not exist.
+        CaseError: two folders share a case id, or a folder is ambiguous.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"raw data folder not found: {root}")
+    found: dict[str, CaseFiles] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        case = _case_files(Path(dirpath), [f for f in filenames if not f.startswith(".")])
+        if case is None:
+            continue
+        if case.case_id in found:
+            raise CaseError(case.case_id, dirpath, f"case id also used by {found[case.case_id].folder}")
+        found[case.case_id] = case
+    return sorted(found.values(), key=lambda c: c.case_id)
+
+
+@dataclass
+class RawCase:
+    """A validated raw case in memory.
+
+    Attributes:
+        files: where it came from.
+        images: (4, X, Y, Z) float32, channels in :data:`MODALITIES` order.
+        seg: (X, Y, Z) int16 raw BraTS labels, or None for image-only cases.
+        affine: (4, 4) float64, shared by every file of the case.
+        header: the FLAIR file's header, for writing predictions that overlay it.
+    """
+
+    files: CaseFiles
+    images: np.ndarray
+    seg: np.ndarray | None
+    affine: np.ndarray
+    header: nib.Nifti1Header
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along X, Y, Z."""
+        zooms = self.header.get_zooms()[:3]
+        return (float(zooms[0]), float(zooms[1]), float(zooms[2]))
+
+
+def source_records(files: CaseFiles) -> list[dict[str, object]]:
+    """Name, size and mtime of every present file of a case (for staleness checks)."""
+    paths = [p for p in (*files.images, files.seg) if p is not None]
+    out: list[dict[str, object]] = []
+    for p in paths:
+        st = p.stat()
+        out.append({"name": p.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return out
+
+
+def _load(case_id: str, path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """Read one NIfTI file fully, turning every reader failure into a CaseError."""
+    try:
+        img = nib.load(path)
+        data = np.asanyarray(img.dataobj)
+    except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as exc:
+        raise CaseError(case_id, str(path), f"cannot read NIfTI: {type(exc).__name__}: {exc}") from exc
+    if data.ndim != 3:
+        raise CaseError(case_id, str(path), f"expected a 3-D volume, got shape {data.shape}")
+    return data, img
+
+
+def _check_seg(case_id: str, path: Path, seg: np.ndarray, edition: Edition) -> np.ndarray:
+    """Validate label values (any integer or float dtype) and return them as int16."""
+    if not (np.issubdtype(seg.dtype, np.integer) or np.issubdtype(seg.dtype, np.floating)):
+        raise CaseError(case_id, str(path), f"label map has unsupported dtype {seg.dtype}")
+    values = np.unique(seg)
+    if np.issubdtype(values.dtype, np.floating) and not np.all(np.isfinite(values) & (values == np.round(values))):
+        raise CaseError(case_id, str(path), f"label map has non-integer values {values[:8].tolist()}")
+    bad = sorted(set(values.astype(np.int64).tolist()) - set(edition.labels))
+    if bad:
+        raise CaseError(
+            case_id, str(path), f"labels {bad} outside the {edition.name} set {list(edition.labels)}"
+        )
+    return seg.astype(np.int16)
+
+
+def read_case(files: CaseFiles, *, affine_tol: float = 1e-3) -> RawCase:
+    """Read and validate every file of a case.
+
+    Checks: all four modalities present, 3-D, one shape and one affine (within
+    ``affine_tol``) across the case, finite values; the label map (if any)
+    holds only the edition's labels.
+
+    Raises:
+        MissingFileError: a modality file is absent.
+        CaseError: any other check fails; the message names the file.
+    """
+    cid, ed = files.case_id, files.edition
+    for mod, path in zip(ed.suffixes, files.images):
+        if path is None:
+            want = f"{cid}{ed.separator}{mod}.nii[.gz]"
+            raise MissingFileError(cid, str(files.folder), f"missing modality {mod!r} (expected {want})")
+    channels, ref = [], None
+    for path in files.images:
+        assert path is not None  # narrowed above, for the type checker
+        data, img = _load(cid, path)
+        if ref is None:
+            ref = img
+        _check_geometry(cid, path, data.shape, img.affine, ref, affine_tol)
+        arr = data.astype(np.float32)
+        if not np.all(np.isfinite(arr)):
+            raise CaseError(cid, str(path), "image holds NaN or infinite values")
+        channels.append(arr)
+    assert ref is not None
+    seg = None
+    if files.seg is not None:
+        data, img = _load(cid, files.seg)
+        _check_geometry(cid, files.seg, data.shape, img.affine, ref, affine_tol)
+        seg = _check_seg(cid, files.seg, data, ed)
+    return RawCase(files, np.stack(channels), seg, np.asarray(ref.affine, dtype=np.float64), ref.header)
+
+
+def _check_geometry(
+    case_id: str, path: Path, shape: tuple[int, ...], affine: np.ndarray, ref: nib.Nifti1Image, tol: float
+) -> None:
+    """Raise CaseError if a file's shape or affine differs from the case's first file."""
+    if tuple(shape) != tuple(ref.shape[:3]):
+        raise CaseError(case_id, str(path), f"shape {tuple(shape)} differs from {tuple(ref.shape[:3])}")
+    if not np.allclose(affine, ref.affine, atol=tol):
+        raise CaseError(case_id, str(path), "affine differs from the case's other files")

@@ -1,0 +1,71 @@
+"""Summaries and integrity checks of a cache (``python -m pipeline.cache info|verify``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.cache.store import CacheInfo, CachedCase, open_case
+from pipeline.errors import CacheFormatError
+
+
+def disk_usage(path: Path) -> int:
+    """Bytes of every file under ``path``."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def info_lines(cache: CacheInfo) -> list[str]:
+    """One header line, then one line per case: shape and label voxel counts."""
+    m = cache.manifest
+    lines = [
+        f"cache {cache.path}  format v{m['format_version']}  settings {m['preprocess']}",
+        f"{len(cache.case_ids)} cases, {disk_usage(cache.path) / 2**20:.1f} MiB on disk"
+        + (f", {len(m['failed'])} failed at preprocessing" if m.get("failed") else ""),
+        f"{'case':32s} {'edition':9s} {'shape':>15s}  {'NCR':>8s} {'ED':>8s} {'ET':>8s}",
+    ]
+    for cid in cache.case_ids:
+        case = open_case(cache.path, cid)
+        counts = case.attrs.get("class_voxel_counts") or {}
+        shape = "x".join(str(s) for s in case.shape)
+        cells = [f"{counts.get(str(k), 0):8d}" if case.has_label else f"{'-':>8s}" for k in (1, 2, 3)]
+        lines.append(f"{cid:32s} {case.attrs['edition']:9s} {shape:>15s}  {' '.join(cells)}")
+    return lines
+
+
+def verify_case(case: CachedCase) -> list[str]:
+    """Every problem found in one case (empty if it is sound)."""
+    a, problems = case.attrs, []
+    box_shape = tuple(hi - lo for lo, hi in a["bbox"])
+    if case.shape != box_shape:
+        problems.append(f"image shape {case.shape} != bbox size {box_shape}")
+    image = case.read_image()
+    if image.shape[0] != len(a["modalities"]):
+        problems.append(f"{image.shape[0]} channels for modalities {a['modalities']}")
+    if not np.all(np.isfinite(image)):
+        problems.append("image holds NaN or infinite values")
+    if case.has_label:
+        label = case.read_label()
+        counts = np.bincount(label.ravel(), minlength=4)
+        want = [a["class_voxel_counts"].get(str(k), 0) for k in range(len(counts))]
+        if counts.tolist() != want:
+            problems.append(f"label counts {counts.tolist()} != attrs {want}")
+        for cls, coords in case.indices().items():
+            if len(coords) != a["index_counts"][str(cls)]:
+                problems.append(f"class {cls}: {len(coords)} indices, attrs say {a['index_counts'][str(cls)]}")
+            if len(coords) and not np.all(label[tuple(coords.T)] == cls):
+                problems.append(f"class {cls}: some indices do not point at class {cls}")
+    return problems
+
+
+def verify(cache: CacheInfo) -> dict[str, list[str]]:
+    """case id -> problems, for every case in the manifest (and any unreadable one)."""
+    report: dict[str, list[str]] = {}
+    for cid in cache.case_ids:
+        try:
+            problems = verify_case(open_case(cache.path, cid))
+        except (CacheFormatError, OSError, ValueError, KeyError, RuntimeError) as exc:
+            problems = [f"unreadable: {type(exc).__name__}: {exc}"]
+        if problems:
+            report[cid] = problems
+    return report

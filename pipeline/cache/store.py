@@ -1,0 +1,428 @@
+"""Writer and reader of the Zarr cache, side by side (format documented in docs/cache-format.md)."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import uuid
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numcodecs.blosc
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from pipeline.errors import CacheFormatError, ConfigError
+
+#: Bumped whenever the layout, the attrs or the meaning of an array changes.
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_SUFFIX = ".zarr"
+_CODECS = ("zstd", "lz4", "lz4hc", "blosclz", "zlib")
+_SHUFFLES = ("noshuffle", "shuffle", "bitshuffle")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Settings that change what the cache holds; their hash names the cache.
+
+    Attributes:
+        dtype: on-disk image dtype; float16 halves every read (chosen by
+            measurement, docs/benchmarks.md).
+        chunk: spatial chunk shape; a chunk holds all four channels.
+        codec: Blosc compressor name.
+        clevel: compression level 0..9.
+        shuffle: Blosc byte filter.
+        blocksize: Blosc block size in bytes (0: Blosc's choice); 1 MiB
+            blocks compress real MRI ~7% better with zstd than the default.
+        max_indices_per_class: cap on stored tumour coordinates per class
+            (seeded uniform sample); None keeps all.
+        index_seed: seed of that sample (combined with the case id).
+    """
+
+    dtype: str = "float16"
+    chunk: tuple[int, int, int] = (64, 64, 64)
+    codec: str = "zstd"
+    clevel: int = 5
+    shuffle: str = "shuffle"
+    blocksize: int = 2**20
+    max_indices_per_class: int | None = 10_000
+    index_seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "chunk", tuple(int(c) for c in self.chunk))
+        if self.dtype not in ("float16", "float32"):
+            raise ConfigError(f"dtype must be float16 or float32, got {self.dtype!r}")
+        if len(self.chunk) != 3 or min(self.chunk) < 8:
+            raise ConfigError(f"chunk must be three sizes >= 8, got {self.chunk}")
+        if self.codec not in _CODECS:
+            raise ConfigError(f"codec must be one of {_CODECS}, got {self.codec!r}")
+        if self.shuffle not in _SHUFFLES:
+            raise ConfigError(f"shuffle must be one of {_SHUFFLES}, got {self.shuffle!r}")
+        if self.blocksize < 0:
+            raise ConfigError(f"blocksize must be >= 0, got {self.blocksize}")
+        if not 0 <= self.clevel <= 9:
+            raise ConfigError(f"clevel must be in 0..9, got {self.clevel}")
+        if self.max_indices_per_class is not None and self.max_indices_per_class < 1:
+            raise ConfigError(f"max_indices_per_class must be >= 1 or None, got {self.max_indices_per_class}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists)."""
+        d = asdict(self)
+        d["chunk"] = list(self.chunk)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise ConfigError."""
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown preprocessing settings {sorted(unknown)}")
+        return cls(**{**d, "chunk": tuple(d.get("chunk", cls.chunk))})
+
+    def key(self) -> str:
+        """Short hash of the settings and the format version."""
+        blob = json.dumps({"format": FORMAT_VERSION, **self.to_dict()}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def cache_dir_for(root: str | os.PathLike[str], name: str, cfg: PreprocessConfig) -> Path:
+    """``<root>/<name>-<key>``: a new setting gives a new directory, never a mixed one."""
+    return Path(root) / f"{name}-{cfg.key()}"
+
+
+def case_path(cache_dir: str | os.PathLike[str], case_id: str) -> Path:
+    """Where a complete case lives."""
+    return Path(cache_dir) / f"{case_id}{_SUFFIX}"
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _create(group: zarr.Group, name: str, data: np.ndarray, chunks: tuple[int, ...], cfg: PreprocessConfig) -> None:
+    codec = BloscCodec(
+        cname=cfg.codec, clevel=cfg.clevel, shuffle=cfg.shuffle, typesize=data.dtype.itemsize, blocksize=cfg.blocksize
+    )
+    arr = group.create_array(
+        name, shape=data.shape, chunks=chunks, dtype=data.dtype, compressors=[codec], fill_value=0
+    )
+    arr[...] = data
+
+
+def write_case(
+    cache_dir: str | os.PathLike[str],
+    image: np.ndarray,
+    label: np.ndarray | None,
+    indices: dict[int, np.ndarray],
+    attrs: dict[str, Any],
+    cfg: PreprocessConfig,
+) -> Path:
+    """Write one case atomically: to a hidden temporary group, renamed when complete.
+
+    Args:
+        cache_dir: the keyed cache directory (created if needed).
+        image: (4, X, Y, Z) float32 z-scored, cropped; stored as ``cfg.dtype``.
+        label: (X, Y, Z) uint8 classes 0..3, or None.
+        indices: class -> (N, 3) int32 coordinates in the cropped grid.
+        attrs: case attributes; must hold ``case_id`` (see docs/cache-format.md).
+        cfg: preprocessing settings (dtype, chunking, codec).
+
+    Returns:
+        The path of the complete case.
+    """
+    case_id = str(attrs["case_id"])
+    final = case_path(cache_dir, case_id)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        _create(group, "image", image.astype(cfg.dtype), (image.shape[0], *cfg.chunk), cfg)
+        if label is not None:
+            _create(group, "label", label.astype(np.uint8), cfg.chunk, cfg)
+        idx_group = group.create_group("indices")
+        for cls, coords in sorted(indices.items()):
+            _create(idx_group, str(cls), coords.astype(np.int32), (max(len(coords), 1), 3), cfg)
+        # ``complete`` is written last: a group without it is never read.
+        group.attrs.update({**attrs, "format_version": FORMAT_VERSION, "complete": True})
+        _replace_dir(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``, moving an older ``dst`` aside first."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def cleanup_partial(cache_dir: str | os.PathLike[str]) -> list[str]:
+    """Delete leftovers of interrupted writes (``.*.zarr.tmp-*``, ``.*.zarr.old-*``).
+
+    Call only when no other writer uses ``cache_dir``. Returns the removed names.
+    """
+    cache_dir = Path(cache_dir)
+    removed = []
+    for p in cache_dir.glob(f".*{_SUFFIX}.*"):
+        if ".tmp-" in p.name or ".old-" in p.name:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+    return removed
+
+
+def _read_attrs(path: Path) -> dict[str, Any] | None:
+    """Group attributes straight from ``zarr.json`` (cheap), or None if unreadable."""
+    try:
+        meta = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return None
+    attrs = meta.get("attributes")
+    return attrs if isinstance(attrs, dict) else None
+
+
+def case_status(cache_dir: str | os.PathLike[str], case_id: str, sources: list[dict[str, Any]], cfg: PreprocessConfig) -> str:
+    """``"complete"`` if the cached case is whole and built from exactly ``sources`` with ``cfg``;
+    ``"stale"`` if it exists but differs; ``"missing"`` otherwise."""
+    path = case_path(cache_dir, case_id)
+    if not path.exists():
+        return "missing"
+    attrs = _read_attrs(path)
+    if (
+        attrs is None
+        or attrs.get("complete") is not True
+        or attrs.get("format_version") != FORMAT_VERSION
+        or attrs.get("preprocess") != cfg.to_dict()
+        or attrs.get("sources") != sources
+    ):
+        return "stale"
+    return "complete"
+
+
+def complete_cases(cache_dir: str | os.PathLike[str]) -> list[str]:
+    """Ids of every complete case of the current format version on disk, sorted."""
+    out = []
+    for p in sorted(Path(cache_dir).glob(f"*{_SUFFIX}")):
+        if p.name.startswith("."):
+            continue
+        attrs = _read_attrs(p)
+        if attrs and attrs.get("complete") is True and attrs.get("format_version") == FORMAT_VERSION:
+            out.append(str(attrs["case_id"]))
+    return out
+
+
+def write_manifest(cache_dir: str | os.PathLike[str], content: dict[str, Any]) -> Path:
+    """Atomically write ``manifest.json`` (format version and case list are added here)."""
+    cache_dir = Path(cache_dir)
+    cases = complete_cases(cache_dir)
+    body = {**content, "format_version": FORMAT_VERSION, "cases": cases}
+    tmp = cache_dir / f".{MANIFEST}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(body, indent=2, sort_keys=True))
+    os.replace(tmp, cache_dir / MANIFEST)
+    return cache_dir / MANIFEST
+
+
+def read_manifest(cache_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and check ``manifest.json``.
+
+    Raises:
+        CacheFormatError: no manifest, unreadable, or another format version.
+    """
+    path = Path(cache_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise CacheFormatError(f"{cache_dir} is not a cache: no {MANIFEST} (run preprocessing first)") from exc
+    except ValueError as exc:
+        raise CacheFormatError(f"{path} is not valid JSON: {exc}") from exc
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CacheFormatError(
+            f"{path}: cache format version {manifest.get('format_version')}, this code reads {FORMAT_VERSION}; "
+            "preprocess again"
+        )
+    return dict(manifest)
+
+
+def resolve_cache_dir(path: str | os.PathLike[str]) -> Path:
+    """Accept a keyed cache directory, or a root holding exactly one.
+
+    Raises:
+        CacheFormatError: nothing found, or several caches to choose from.
+    """
+    path = Path(path)
+    if (path / MANIFEST).exists():
+        return path
+    found = sorted(p.parent for p in path.glob(f"*/{MANIFEST}"))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise CacheFormatError(f"no cache under {path}: run preprocessing first")
+    names = ", ".join(p.name for p in found)
+    raise CacheFormatError(f"several caches under {path} ({names}); pass one of them")
+
+
+# ---------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class _ArrayMeta:
+    """What the fast chunk reader needs of one array's ``zarr.json``."""
+
+    path: Path
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    dtype: np.dtype
+    fast: bool  # bytes(little) + blosc only, separator "/", fill 0, leading axes unchunked
+
+    @classmethod
+    def load(cls, path: Path) -> _ArrayMeta:
+        meta = json.loads((path / "zarr.json").read_text())
+        shape = tuple(meta["shape"])
+        chunks = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+        names = [c["name"] for c in meta["codecs"]]
+        endian = meta["codecs"][0].get("configuration", {}).get("endian", "little")
+        fast = (
+            names == ["bytes", "blosc"]
+            and endian == "little"
+            and meta["chunk_key_encoding"] == {"name": "default", "configuration": {"separator": "/"}}
+            and meta["fill_value"] in (0, 0.0)
+            and chunks[:-3] == shape[:-3]
+        )
+        return cls(path, shape, chunks, np.dtype(meta["data_type"]).newbyteorder("<"), fast)
+
+
+class CachedCase:
+    """Read handle on one cached case; cheap to create, holds no open files.
+
+    Patches are read by decoding only the chunk files a patch touches, straight
+    from disk with Blosc (bypassing zarr's per-call machinery, which costs more
+    than decoding on a small machine); arrays written in any other encoding
+    fall back to zarr. ``tests/test_cache.py`` checks both paths agree.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        attrs = _read_attrs(self.path)
+        if attrs is None or attrs.get("complete") is not True:
+            raise CacheFormatError(f"{self.path}: not a complete cached case")
+        if attrs.get("format_version") != FORMAT_VERSION:
+            raise CacheFormatError(
+                f"{self.path}: format version {attrs.get('format_version')}, this code reads {FORMAT_VERSION}"
+            )
+        self.attrs: dict[str, Any] = attrs
+        self.case_id: str = str(attrs["case_id"])
+        self._image = _ArrayMeta.load(self.path / "image")
+        self._label = _ArrayMeta.load(self.path / "label") if attrs.get("has_label") else None
+        self._indices: dict[int, np.ndarray] | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Cropped spatial shape (X, Y, Z)."""
+        s = self._image.shape
+        return (s[1], s[2], s[3])
+
+    @property
+    def has_label(self) -> bool:
+        return self._label is not None
+
+    def indices(self) -> dict[int, np.ndarray]:
+        """class -> (N, 3) int32 tumour coordinates in the cropped grid (loaded once)."""
+        if self._indices is None:
+            group = zarr.open_group(str(self.path), mode="r")
+            sub = group["indices"]
+            self._indices = {int(k): np.asarray(v[...]) for k, v in sub.arrays()}
+        return self._indices
+
+    def read_patch(
+        self, start: tuple[int, int, int], size: tuple[int, int, int]
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Read a box that may extend past the volume; outside is padded with 0.
+
+        Args:
+            start: corner (x, y, z) in the cropped grid; may be negative.
+            size: (px, py, pz).
+
+        Returns:
+            ((4, px, py, pz) image in the stored dtype, (px, py, pz) uint8 label or None).
+        """
+        image = _read_box(self._image, start, size)
+        label = _read_box(self._label, start, size) if self._label is not None else None
+        return image, label
+
+    def read_image(self) -> np.ndarray:
+        """The whole cropped image, (4, X, Y, Z) in the stored dtype."""
+        return _read_box(self._image, (0, 0, 0), self.shape)
+
+    def read_label(self) -> np.ndarray:
+        """The whole cropped label, (X, Y, Z) uint8 classes 0..3."""
+        if self._label is None:
+            raise CacheFormatError(f"{self.case_id}: case has no label map")
+        return _read_box(self._label, (0, 0, 0), self.shape)
+
+
+def _read_box(meta: _ArrayMeta, start: tuple[int, ...], size: tuple[int, ...]) -> np.ndarray:
+    """Read ``array[..., start:start+size]`` with zero padding outside the array."""
+    lead, spatial = meta.shape[:-3], meta.shape[-3:]
+    out = np.zeros((*lead, *size), dtype=meta.dtype)
+    lo = [max(int(s), 0) for s in start]
+    hi = [min(int(s) + int(n), dim) for s, n, dim in zip(start, size, spatial)]
+    if any(a >= b for a, b in zip(lo, hi)):
+        return out
+    if not meta.fast:
+        src = zarr.open_array(str(meta.path), mode="r")
+        sel = (Ellipsis, *(slice(a, b) for a, b in zip(lo, hi)))
+        dst = (Ellipsis, *(slice(a - s, b - s) for a, b, s in zip(lo, hi, start)))
+        out[dst] = src[sel]
+        return out
+    cs = meta.chunks[-3:]
+    prefix = meta.path / "c" / Path(*(["0"] * len(lead))) if lead else meta.path / "c"
+    chunk_shape = meta.chunks
+    for ijk in itertools.product(*(range(a // c, (b - 1) // c + 1) for a, b, c in zip(lo, hi, cs))):
+        try:
+            raw = (prefix / f"{ijk[0]}/{ijk[1]}/{ijk[2]}").read_bytes()
+        except FileNotFoundError:
+            continue  # chunk never written: all fill value (0)
+        block = np.frombuffer(numcodecs.blosc.decompress(raw), dtype=meta.dtype).reshape(chunk_shape)
+        g0 = [max(i * c, a) for i, c, a in zip(ijk, cs, lo)]
+        g1 = [min((i + 1) * c, b) for i, c, b in zip(ijk, cs, hi)]
+        dst = (Ellipsis, *(slice(a - s, b - s) for a, b, s in zip(g0, g1, start)))
+        src = (Ellipsis, *(slice(a - i * c, b - i * c) for a, b, i, c in zip(g0, g1, ijk, cs)))
+        out[dst] = block[src]
+    return out
+
+
+def open_case(cache_dir: str | os.PathLike[str], case_id: str) -> CachedCase:
+    """Open a complete case of a cache (raises CacheFormatError otherwise)."""
+    return CachedCase(case_path(cache_dir, case_id))
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    """A checked cache: its directory, manifest and complete case ids."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def case_ids(self) -> list[str]:
+        return list(self.manifest["cases"])
+
+    @property
+    def config(self) -> PreprocessConfig:
+        return PreprocessConfig.from_dict(self.manifest["preprocess"])
+
+
+def open_cache(path: str | os.PathLike[str]) -> CacheInfo:
+    """Resolve and check a cache directory (see :func:`resolve_cache_dir`)."""
+    cache_dir = resolve_cache_dir(path)
+    return CacheInfo(cache_dir, read_manifest(cache_dir))

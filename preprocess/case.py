@@ -1,0 +1,79 @@
+"""One raw case -> the arrays and attributes of one cached case."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from pipeline import transforms as T
+from pipeline.cache import PreprocessConfig
+from pipeline.errors import CaseError
+from pipeline.nifti import MODALITIES, CaseFiles, RawCase, read_case, source_records
+
+
+def preprocess_raw(raw: RawCase) -> tuple[np.ndarray, np.ndarray | None, T.Box, list[float], list[float]]:
+    """Crop to the brain and z-score; shared with prediction.
+
+    The crop box is the bounding box of the brain mask (non-zero in any
+    modality) joined with any labelled voxel, so no tumour is ever cut off.
+
+    Returns:
+        ((4, x, y, z) float32 z-scored image, (x, y, z) uint8 classes or None,
+        box in the original grid, per-modality means, per-modality stds).
+
+    Raises:
+        CaseError: empty or constant modality (names the file).
+    """
+    files = raw.files
+    mask = T.brain_mask(raw.images)
+    try:
+        box = T.bounding_box(mask if raw.seg is None else mask | (raw.seg != 0))
+        image, means, stds = T.zscore(T.crop(raw.images, box), T.crop(mask, box))
+    except T.TransformError as exc:
+        path = files.images[exc.channel] if exc.channel is not None else files.folder
+        raise CaseError(files.case_id, str(path), str(exc)) from exc
+    label = None
+    if raw.seg is not None:
+        label = T.map_labels(np.ascontiguousarray(T.crop(raw.seg, box)), files.edition.label_map)
+    return image, label, box, means, stds
+
+
+def preprocess_case(
+    files: CaseFiles, cfg: PreprocessConfig
+) -> tuple[np.ndarray, np.ndarray | None, dict[int, np.ndarray], dict[str, Any]]:
+    """Read, validate and preprocess one case.
+
+    Returns:
+        (image (4, x, y, z) float32, label (x, y, z) uint8 or None,
+        tumour indices class -> (N, 3) int32, attributes for the cache).
+    """
+    sources = source_records(files)
+    raw = read_case(files)
+    image, label, box, means, stds = preprocess_raw(raw)
+    indices: dict[int, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    if label is not None:
+        rng = np.random.default_rng(T.index_seed(files.case_id, cfg.index_seed))
+        indices = T.tumour_indices(label, cfg.max_indices_per_class, rng)
+        hist = np.bincount(label.ravel(), minlength=4)
+        counts = {str(c): int(n) for c, n in enumerate(hist)}
+    attrs = {
+        "case_id": files.case_id,
+        "edition": files.edition.name,
+        "modalities": list(MODALITIES),
+        "source_modalities": list(files.edition.suffixes),
+        "bbox": [list(b) for b in box],
+        "original_shape": list(raw.images.shape[1:]),
+        "affine": raw.affine.tolist(),
+        "spacing": list(raw.spacing),
+        "mean": means,
+        "std": stds,
+        "has_label": label is not None,
+        "label_map": {str(k): v for k, v in files.edition.label_map.items()},
+        "class_voxel_counts": counts,
+        "index_counts": {str(c): int(len(v)) for c, v in indices.items()},
+        "sources": sources,
+        "preprocess": cfg.to_dict(),
+    }
+    return image, label, indices, attrs

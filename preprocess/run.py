@@ -1,0 +1,132 @@
+"""Run the offline stage over a raw data folder: discover, skip, write in parallel, summarise."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from joblib import Parallel, delayed
+from tqdm import tqdm
+
+from pipeline import cache
+from pipeline.errors import CaseError, PipelineError
+from pipeline.nifti import CaseFiles, discover_cases, source_records
+from pipeline.provenance import run_record
+from preprocess.case import preprocess_case
+
+
+@dataclass
+class Summary:
+    """Outcome of one preprocessing run."""
+
+    cache_dir: Path
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    bytes_on_disk: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def report(self) -> str:
+        """Human-readable summary, one line per failure."""
+        lines = [
+            f"cache: {self.cache_dir}",
+            f"written {len(self.written)}, skipped {len(self.skipped)} (up to date), "
+            f"failed {len(self.failed)}; {self.bytes_on_disk / 2**20:.1f} MiB on disk; {self.seconds:.1f} s",
+        ]
+        lines += [f"FAILED {msg}" for msg in self.failed.values()]
+        return "\n".join(lines)
+
+
+def _process(files: CaseFiles, cache_dir: Path, cfg: cache.PreprocessConfig) -> tuple[str, str | None]:
+    """Worker: preprocess and write one case; returns (case_id, error message or None)."""
+    try:
+        image, label, indices, attrs = preprocess_case(files, cfg)
+        cache.write_case(cache_dir, image, label, indices, attrs, cfg)
+    except PipelineError as exc:
+        return files.case_id, str(exc)
+    except (OSError, MemoryError, ValueError) as exc:
+        return files.case_id, f"{files.case_id} [{files.folder}]: {type(exc).__name__}: {exc}"
+    return files.case_id, None
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def run_preprocess(
+    raw_dir: str | os.PathLike[str],
+    cache_root: str | os.PathLike[str],
+    cfg: cache.PreprocessConfig,
+    *,
+    name: str | None = None,
+    jobs: int = -1,
+    force: bool = False,
+    progress: bool = True,
+) -> Summary:
+    """Preprocess every case under ``raw_dir`` into ``<cache_root>/<name>-<key>/``.
+
+    Complete cases whose source files are unchanged are skipped (unless
+    ``force``); each case is written atomically; a case that fails is reported
+    and the others still go through. The manifest is rewritten at the end.
+
+    Args:
+        raw_dir: folder searched recursively for case folders.
+        cache_root: parent of the keyed cache directory.
+        cfg: preprocessing settings (their hash names the cache).
+        name: cache name; defaults to ``raw_dir``'s folder name.
+        jobs: joblib workers (-1: all cores).
+        force: rewrite complete cases too.
+        progress: show a tqdm bar.
+    """
+    t0 = time.perf_counter()
+    raw_dir = Path(raw_dir)
+    cache_dir = cache.cache_dir_for(cache_root, name or raw_dir.resolve().name, cfg)
+    summary = Summary(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    cache.cleanup_partial(cache_dir)
+    todo = []
+    for files in discover_cases(raw_dir):
+        try:
+            status = cache.case_status(cache_dir, files.case_id, source_records(files), cfg)
+        except OSError as exc:
+            summary.failed[files.case_id] = str(CaseError(files.case_id, str(files.folder), str(exc)))
+            continue
+        if status == "complete" and not force:
+            summary.skipped.append(files.case_id)
+        else:
+            todo.append(files)
+    results = Parallel(n_jobs=jobs, return_as="generator_unordered")(
+        delayed(_process)(f, cache_dir, cfg) for f in todo
+    )
+    for case_id, error in tqdm(results, total=len(todo), desc="preprocess", unit="case", disable=not progress):
+        if error is None:
+            summary.written.append(case_id)
+        else:
+            summary.failed[case_id] = error
+            tqdm.write(f"FAILED {error}", file=sys.stderr)
+    _finish(summary, raw_dir, name or raw_dir.resolve().name, cfg, t0)
+    return summary
+
+
+def _finish(summary: Summary, raw_dir: Path, name: str, cfg: cache.PreprocessConfig, t0: float) -> None:
+    """Write the manifest and fill in size and time."""
+    content: dict[str, Any] = {
+        "name": name,
+        "key": cfg.key(),
+        "preprocess": cfg.to_dict(),
+        "raw_dir": str(raw_dir),
+        "failed": dict(sorted(summary.failed.items())),
+        "record": run_record(),
+    }
+    cache.write_manifest(summary.cache_dir, content)
+    summary.written.sort()
+    summary.bytes_on_disk = _size(summary.cache_dir)
+    summary.seconds = time.perf_counter() - t0

@@ -1,0 +1,110 @@
+"""The cache format: fast chunk reader vs zarr, padding, versioning, keys."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from pipeline.cache import (
+    FORMAT_VERSION,
+    PreprocessConfig,
+    cache_dir_for,
+    open_cache,
+    open_case,
+    resolve_cache_dir,
+    write_case,
+    write_manifest,
+)
+from pipeline.cache.store import _ArrayMeta
+from pipeline.errors import CacheFormatError, ConfigError
+
+
+def _write(tmp_path: Path, cfg: PreprocessConfig, shape=(37, 45, 29)) -> tuple[Path, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(4, *shape)).astype(np.float32)
+    image[:, :10] = 0  # whole zero chunks are not written by zarr: the reader must fill them
+    label = rng.integers(0, 4, size=shape).astype(np.uint8)
+    attrs = {"case_id": "c1", "has_label": True}
+    write_case(tmp_path, image, label, {1: np.argwhere(label == 1)[:5].astype(np.int32)}, attrs, cfg)
+    write_manifest(tmp_path, {"preprocess": cfg.to_dict()})
+    return tmp_path, image.astype(cfg.dtype), label
+
+
+@pytest.mark.parametrize("cfg", [
+    PreprocessConfig(chunk=(16, 16, 16)),
+    PreprocessConfig(chunk=(8, 32, 16), codec="lz4", shuffle="bitshuffle", dtype="float32", blocksize=0),
+])
+def test_patch_reads_match_zarr_and_pad_with_zero(tmp_path: Path, cfg: PreprocessConfig) -> None:
+    cache_dir, image, label = _write(tmp_path, cfg)
+    case = open_case(cache_dir, "c1")
+    assert case._image.fast
+    z = zarr.open(str(case.path), mode="r")
+    rng = np.random.default_rng(1)
+    for _ in range(25):
+        size = tuple(int(s) for s in rng.integers(1, 50, size=3))
+        start = tuple(int(s) for s in rng.integers(-20, 45, size=3))
+        img, lab = case.read_patch(start, size)
+        want_img = np.zeros((4, *size), image.dtype)
+        want_lab = np.zeros(size, np.uint8)
+        src = tuple(slice(max(s, 0), max(min(s + n, d), 0)) for s, n, d in zip(start, size, label.shape))
+        dst = tuple(slice(r.start - s, r.stop - s) for r, s in zip(src, start))
+        if all(r.stop > r.start for r in src):
+            want_img[(slice(None), *dst)] = z["image"][(slice(None), *src)]
+            want_lab[dst] = z["label"][src]
+        assert np.array_equal(img, want_img) and np.array_equal(lab, want_lab)
+    assert np.array_equal(case.read_image(), image) and np.array_equal(case.read_label(), label)
+
+
+def test_unknown_encoding_falls_back_to_zarr(tmp_path: Path) -> None:
+    cache_dir, image, label = _write(tmp_path, PreprocessConfig(chunk=(16, 16, 16)))
+    case = open_case(cache_dir, "c1")
+    meta = case._image
+    case._image = _ArrayMeta(meta.path, meta.shape, meta.chunks, meta.dtype, fast=False)
+    img, _ = case.read_patch((-3, 5, 7), (20, 20, 30))
+    ref = np.zeros((4, 20, 20, 30), image.dtype)
+    ref[:, 3:, :, :22] = image[:, :17, 5:25, 7:29]
+    assert np.array_equal(img, ref)
+
+
+def test_version_mismatch_and_incomplete_cases_raise(tmp_path: Path) -> None:
+    cache_dir, _, _ = _write(tmp_path, PreprocessConfig(chunk=(16, 16, 16)))
+    meta_path = cache_dir / "c1.zarr" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["attributes"]["format_version"] = FORMAT_VERSION + 1
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CacheFormatError, match="format version"):
+        open_case(cache_dir, "c1")
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    (cache_dir / "manifest.json").write_text(json.dumps({**manifest, "format_version": 0}))
+    with pytest.raises(CacheFormatError, match="preprocess again"):
+        open_cache(cache_dir)
+    with pytest.raises(CacheFormatError):
+        open_case(cache_dir, "absent")
+
+
+def test_settings_key_the_cache_and_resolution(tmp_path: Path) -> None:
+    a, b = PreprocessConfig(), PreprocessConfig(codec="lz4")
+    assert a.key() == PreprocessConfig.from_dict(a.to_dict()).key() != b.key()
+    assert cache_dir_for(tmp_path, "x", a) != cache_dir_for(tmp_path, "x", b)
+    with pytest.raises(CacheFormatError, match="no cache"):
+        resolve_cache_dir(tmp_path)
+    for cfg in (a, b):
+        d = cache_dir_for(tmp_path, "x", cfg)
+        d.mkdir()
+        write_manifest(d, {"preprocess": cfg.to_dict()})
+    assert resolve_cache_dir(cache_dir_for(tmp_path, "x", a)) == cache_dir_for(tmp_path, "x", a)
+    with pytest.raises(CacheFormatError, match="several caches"):
+        resolve_cache_dir(tmp_path)
+
+
+@pytest.mark.parametrize("bad", [{"dtype": "int8"}, {"chunk": (4, 64, 64)}, {"codec": "gzip"}, {"clevel": 12},
+                                 {"max_indices_per_class": 0}, {"shuffle": "x"}])
+def test_bad_settings_raise(bad: dict) -> None:
+    with pytest.raises(ConfigError):
+        PreprocessConfig(**bad)
+    with pytest.raises(ConfigError, match="unknown"):
+        PreprocessConfig.from_dict({"nope": 1})

@@ -1,0 +1,230 @@
+"""The offline stage end to end on real files: synthetic cases and the real BraTS cases."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from pipeline import transforms as T
+from pipeline.cache import PreprocessConfig, complete_cases, open_cache, open_case
+from pipeline.cache.check import verify
+from pipeline.nifti import BRATS_AFFINE, MODALITIES, discover_cases, save_volume
+from pipeline.synthetic import generate_dataset
+from preprocess.run import run_preprocess
+from tests.conftest import REPO, TINY, TINY_CFG, load, real_dir, reference_preprocess
+
+LABEL_MAPS = {"brats2020": {0: 0, 1: 1, 2: 2, 4: 3}, "brats2023": {0: 0, 1: 1, 2: 2, 3: 3}}
+
+
+def check_round_trip(raw_root: Path, cache_dir: Path) -> int:
+    """Compare every cached case with an independent preprocessing of its raw files."""
+    cases = discover_cases(raw_root)
+    info = open_cache(cache_dir)
+    assert sorted(info.case_ids) == sorted(c.case_id for c in cases)
+    for files in cases:
+        case = open_case(info.path, files.case_id)
+        images = [load(p) for p in files.images]
+        seg = load(files.seg) if files.seg is not None else None
+        want, box = reference_preprocess(images, seg)
+        assert [tuple(b) for b in case.attrs["bbox"]] == list(box)
+        got = case.read_image().astype(np.float32)
+        assert got.dtype == np.float32 and got.shape == want.shape
+        # float16 keeps ~3 significant digits
+        np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
+        assert np.all(got[:, np.all(want == 0, axis=0)] == 0)
+        # plain zarr, without our code, sees the same data
+        group = zarr.open(str(case.path), mode="r")
+        assert np.array_equal(group["image"][...], case.read_image())
+        assert group.attrs["case_id"] == files.case_id
+        if seg is None:
+            assert not case.has_label and "label" not in group
+            continue
+        mapping = LABEL_MAPS[case.attrs["edition"]]
+        assert {int(k): v for k, v in case.attrs["label_map"].items()} == mapping
+        label = case.read_label()
+        sl = tuple(slice(a, b) for a, b in box)
+        assert np.array_equal(label, T.map_labels(seg[sl], mapping))
+        assert np.array_equal(T.uncrop(T.unmap_labels(label, mapping), box, seg.shape), seg.astype(np.uint8))
+        for cls, coords in case.indices().items():
+            assert len(coords) > 0 and np.all(label[tuple(coords.T)] == cls)
+        assert set(case.indices()) == set(np.unique(label)) - {0}
+    return len(cases)
+
+
+def test_round_trip_synthetic(raw_dir: Path, tmp_path: Path) -> None:
+    summary = run_preprocess(raw_dir, tmp_path / "cache", TINY_CFG, jobs=1, progress=False)
+    assert summary.ok and len(summary.written) == 3
+    assert summary.cache_dir.parent == tmp_path / "cache" and summary.cache_dir.name.startswith("raw-")
+    assert check_round_trip(raw_dir, summary.cache_dir) == 3
+    assert verify(open_cache(summary.cache_dir)) == {}
+
+
+def test_round_trip_real_cases(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    shutil.copytree(real_dir("brats_real"), raw / "2019")
+    shutil.copytree(real_dir("brats_real_images_only"), raw / "2023")
+    summary = run_preprocess(raw, tmp_path / "cache", PreprocessConfig(), jobs=2, progress=False)
+    assert summary.ok, summary.report()
+    assert check_round_trip(raw, summary.cache_dir) == 4
+    info = open_cache(summary.cache_dir)
+    editions = {cid: open_case(info.path, cid).attrs["edition"] for cid in info.case_ids}
+    assert editions["BraTS-GLI-00001-000"] == "brats2023"
+    assert {e for c, e in editions.items() if c.startswith("BraTS19")} == {"brats2020"}
+
+
+def test_rerun_writes_nothing_and_a_changed_source_is_rewritten(raw_dir: Path, tmp_path: Path) -> None:
+    first = run_preprocess(raw_dir, tmp_path / "c", TINY_CFG, jobs=1, progress=False)
+    stamp = {p: p.stat().st_mtime_ns for p in first.cache_dir.rglob("*") if p.is_file() and "manifest" not in p.name}
+    second = run_preprocess(raw_dir, tmp_path / "c", TINY_CFG, jobs=1, progress=False)
+    assert second.written == [] and len(second.skipped) == 3
+    assert stamp == {p: p.stat().st_mtime_ns for p in stamp}
+    target = next(raw_dir.glob("*_002/*_t2.nii.gz"))
+    os.utime(target, ns=(time.time_ns(), time.time_ns()))
+    third = run_preprocess(raw_dir, tmp_path / "c", TINY_CFG, jobs=1, progress=False)
+    assert third.written == ["BraTS20_Training_002"]
+    other = run_preprocess(raw_dir, tmp_path / "c", PreprocessConfig(chunk=(32, 32, 32)), jobs=1, progress=False)
+    assert other.cache_dir != first.cache_dir and len(other.written) == 3
+
+
+def _break(raw: Path, kind: str) -> tuple[str, str]:
+    """Damage case 001..005 in one way each; returns (case id, file name the error must name)."""
+    case = {"missing": "001", "shape": "002", "truncated": "003", "labels": "004", "zero": "005"}[kind]
+    cid = f"BraTS20_Training_{case}"
+    folder = raw / cid
+    if kind == "missing":
+        (folder / f"{cid}_t1ce.nii.gz").unlink()
+        return cid, "t1ce"
+    if kind == "shape":
+        save_volume(folder / f"{cid}_t2.nii.gz", np.ones((10, 10, 10), np.int16), BRATS_AFFINE)
+        return cid, f"{cid}_t2.nii.gz"
+    if kind == "truncated":
+        path = folder / f"{cid}_flair.nii.gz"
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+        return cid, f"{cid}_flair.nii.gz"
+    if kind == "labels":
+        seg = load(folder / f"{cid}_seg.nii.gz").copy()
+        seg[seg == 4] = 3
+        save_volume(folder / f"{cid}_seg.nii.gz", seg, BRATS_AFFINE)
+        return cid, f"{cid}_seg.nii.gz"
+    save_volume(folder / f"{cid}_t1.nii.gz", np.zeros(TINY, np.int16), BRATS_AFFINE)
+    return cid, f"{cid}_t1.nii.gz"
+
+
+def test_each_broken_case_is_reported_and_good_cases_land(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    generate_dataset(raw, 7, seed=3, shape=TINY, gz=True)
+    expect = dict(_break(raw, k) for k in ("missing", "shape", "truncated", "labels", "zero"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "preprocess", str(raw), "--cache-dir", str(tmp_path / "c"), "--jobs", "2",
+         "--chunk", "16", "16", "16", "--no-progress"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    failed = [line for line in proc.stdout.splitlines() if line.startswith("FAILED")]
+    assert len(failed) == 5
+    for cid, fname in expect.items():
+        (line,) = [f for f in failed if cid in f]
+        assert fname in line, line
+    assert "labels [3] outside" in " ".join(failed)
+    assert "all zero" in " ".join(failed)
+    info = open_cache(next((tmp_path / "c").iterdir()))
+    assert info.case_ids == ["BraTS20_Training_006", "BraTS20_Training_007"]
+    assert set(info.manifest["failed"]) == set(expect)
+
+
+def test_killed_run_leaves_no_complete_looking_case(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    generate_dataset(raw, 3, seed=5, shape=(112, 112, 80))
+    cache_root = tmp_path / "c"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "preprocess", str(raw), "--cache-dir", str(cache_root), "--jobs", "1",
+         "--no-progress", "--codec", "zstd", "--clevel", "9"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(cache_root.glob("*/.*.zarr.tmp-*/image")):
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    (cache_dir,) = cache_root.iterdir()
+    partial = list(cache_dir.glob(".*.zarr.tmp-*"))
+    assert partial, "the run was not caught mid-case"
+    visible = sorted(p.name for p in cache_dir.glob("*.zarr") if not p.name.startswith("."))
+    done = complete_cases(cache_dir)
+    assert len(done) < 3 and [f"{c}.zarr" for c in done] == visible
+    for cid in done:  # whatever is visible is whole
+        assert open_case(cache_dir, cid).read_image().shape[0] == 4
+    summary = run_preprocess(raw, cache_root, PreprocessConfig(codec="zstd", clevel=9), jobs=1, progress=False)
+    assert summary.ok and sorted(summary.written + summary.skipped) == [f"BraTS20_Training_00{i}" for i in range(1, 4)]
+    assert not list(cache_dir.glob(".*.zarr.tmp-*"))
+    assert verify(open_cache(cache_dir)) == {}
+
+
+def test_two_jobs_give_the_same_cache_as_one(raw_dir: Path, tmp_path: Path) -> None:
+    one = run_preprocess(raw_dir, tmp_path / "one", TINY_CFG, jobs=1, progress=False)
+    two = run_preprocess(raw_dir, tmp_path / "two", TINY_CFG, jobs=2, progress=False)
+    a, b = open_cache(one.cache_dir), open_cache(two.cache_dir)
+    assert a.case_ids == b.case_ids
+    for cid in a.case_ids:
+        ca, cb = open_case(a.path, cid), open_case(b.path, cid)
+        assert ca.attrs == cb.attrs
+        assert np.array_equal(ca.read_image(), cb.read_image())
+        assert np.array_equal(ca.read_label(), cb.read_label())
+        assert all(np.array_equal(ca.indices()[k], cb.indices()[k]) for k in ca.indices())
+
+
+def test_layouts_and_quirks(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    generate_dataset(raw / "MICCAI_BraTS2020_TrainingData", 2, seed=1, shape=TINY)  # .nii
+    quirk = raw / "MICCAI_BraTS2020_TrainingData" / "BraTS20_Training_002"
+    (quirk / "BraTS20_Training_002_seg.nii").rename(quirk / "W39_1998.09.19_Segm.nii")
+    generate_dataset(raw / "val", 1, seed=2, shape=TINY, with_seg=False, prefix="BraTS20_Validation")
+    # BraTS 2023 naming with 3 for enhancing tumour
+    src = generate_dataset(tmp_path / "tmp23", 1, seed=4, shape=TINY, gz=True, prefix="x")[0]
+    dst = raw / "2023" / "BraTS-GLI-00002-000"
+    dst.mkdir(parents=True)
+    for old, new in zip((*MODALITIES, "seg"), ("t2f", "t1n", "t1c", "t2w", "seg")):
+        data = load(src / f"x_001_{old}.nii.gz")
+        if old == "seg":
+            data = np.where(data == 4, 3, data).astype(np.uint8)
+        save_volume(dst / f"BraTS-GLI-00002-000-{new}.nii.gz", data, BRATS_AFFINE)
+    summary = run_preprocess(raw, tmp_path / "c", TINY_CFG, jobs=1, progress=False)
+    assert summary.ok, summary.report()
+    assert check_round_trip(raw, summary.cache_dir) == 4
+    case = open_case(summary.cache_dir, "BraTS-GLI-00002-000")
+    assert case.attrs["edition"] == "brats2023" and 3 in case.indices()
+    assert not open_case(summary.cache_dir, "BraTS20_Validation_001").has_label
+    names = {s["name"] for s in open_case(summary.cache_dir, "BraTS20_Training_002").attrs["sources"]}
+    assert "W39_1998.09.19_Segm.nii" in names
+
+
+def test_cache_cli_info_and_verify(raw_dir: Path, tmp_path: Path) -> None:
+    summary = run_preprocess(raw_dir, tmp_path / "c", TINY_CFG, jobs=1, progress=False)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "pipeline.cache", *a], cwd=REPO,  # noqa: E731
+                                    capture_output=True, text=True, timeout=60)
+    info = run("info", str(tmp_path / "c"))
+    assert info.returncode == 0 and "3 cases" in info.stdout and "BraTS20_Training_003" in info.stdout
+    assert run("verify", str(summary.cache_dir)).returncode == 0
+    # damage one chunk of one case: verify must notice and fail
+    chunk = next((summary.cache_dir / "BraTS20_Training_001.zarr" / "label" / "c").rglob("*"))
+    while chunk.is_dir():
+        chunk = next(chunk.iterdir())
+    chunk.write_bytes(b"garbage")
+    bad = run("verify", str(summary.cache_dir))
+    assert bad.returncode == 1 and "BraTS20_Training_001" in bad.stdout
+    assert json.loads((summary.cache_dir / "manifest.json").read_text())["record"]["versions"]["zarr"]
+    for cmd in ("info", "verify"):
+        assert run(cmd, "--help").returncode == 0
+    assert subprocess.run([sys.executable, "-m", "preprocess", "--help"], cwd=REPO,
+                          capture_output=True, timeout=60).returncode == 0
