@@ -1,0 +1,283 @@
+"""BraTS evaluation metrics: Dice, HD95, sensitivity, specificity, volumes.
+
+Pure numpy + ``scipy.ndimage``. Labels are the project's contiguous classes
+(0 background, 1 necrosis, 2 oedema, 3 enhancing tumour); raw BraTS 2018-2021
+files use 4 for ET and must be mapped to 3 by the caller first.
+
+Empty-mask conventions follow the BraTS challenge (as reproduced by nnU-Net):
+prediction and reference both empty -> Dice 1, HD95 0; exactly one empty ->
+Dice 0, HD95 373.13 mm (the diagonal of the 240x240x155 1 mm BraTS grid).
+MONAI's ``DiceMetric`` returns NaN and its Hausdorff metric inf/NaN there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from pipeline.errors import ConfigError
+
+REGIONS: dict[str, tuple[int, ...]] = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
+CLASS_NAMES: dict[int, str] = {1: "NCR", 2: "ED", 3: "ET"}
+HD95_EMPTY = 373.13
+NUM_CLASSES = 4
+
+Spacing = Sequence[float]
+
+
+def region_masks(label: np.ndarray) -> dict[str, np.ndarray]:
+    """Boolean WT / TC / ET masks of a contiguous-class label map.
+
+    Args:
+        label: (X, Y, Z) integer classes 0..3.
+
+    Returns:
+        ``{"WT": mask, "TC": mask, "ET": mask}``, each (X, Y, Z) bool.
+    """
+    return {name: np.isin(label, classes) for name, classes in REGIONS.items()}
+
+
+def dice(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Dice overlap ``2|P & G| / (|P| + |G|)`` with the BraTS empty rules.
+
+    Args:
+        pred: bool mask, any shape.
+        gt: bool mask, same shape as ``pred``.
+
+    Returns:
+        Dice in [0, 1]; 1.0 when both masks are empty, 0.0 when exactly one is.
+    """
+    _check_pair(pred, gt)
+    n_pred, n_gt = int(np.count_nonzero(pred)), int(np.count_nonzero(gt))
+    if n_pred + n_gt == 0:
+        return 1.0
+    overlap = int(np.count_nonzero(np.logical_and(pred, gt)))
+    return 2.0 * overlap / (n_pred + n_gt)
+
+
+def hd95(pred: np.ndarray, gt: np.ndarray, spacing: Spacing = (1.0, 1.0, 1.0)) -> float:
+    """95th percentile of the symmetric surface distance, in mm.
+
+    Definition (MedPy ``hd95``, used by nnU-Net and the BraTS toolkit): the
+    surface of a mask is the mask minus its erosion by the 6-connected cross
+    (voxels on the volume edge count as surface). The distances from every
+    prediction-surface voxel to the nearest reference-surface voxel and from
+    every reference-surface voxel to the nearest prediction-surface voxel are
+    pooled into one list, whose 95th percentile (``np.percentile``, linear
+    interpolation) is returned. The work is done on the union bounding box
+    plus a 1-voxel margin, which gives exactly the full-volume result.
+
+    Args:
+        pred: (X, Y, Z) bool mask.
+        gt: (X, Y, Z) bool mask.
+        spacing: voxel size in mm along X, Y, Z.
+
+    Returns:
+        HD95 in mm; 0.0 when both masks are empty, ``HD95_EMPTY`` (373.13)
+        when exactly one is.
+
+    Raises:
+        ConfigError: shapes differ, masks are not 3-D, or ``spacing`` is bad.
+    """
+    _check_pair(pred, gt, ndim=3)
+    sampling = _check_spacing(spacing)
+    has_pred, has_gt = bool(pred.any()), bool(gt.any())
+    if not (has_pred or has_gt):
+        return 0.0
+    if has_pred != has_gt:
+        return HD95_EMPTY
+    box = _union_box(pred, gt, margin=1)
+    pred_surface = _surface(pred[box].astype(bool))
+    gt_surface = _surface(gt[box].astype(bool))
+    to_gt = ndimage.distance_transform_edt(~gt_surface, sampling=sampling)[pred_surface]
+    to_pred = ndimage.distance_transform_edt(~pred_surface, sampling=sampling)[gt_surface]
+    return float(np.percentile(np.concatenate([to_gt, to_pred]), 95))
+
+
+def confusion_metrics(pred: np.ndarray, gt: np.ndarray, spacing: Spacing = (1.0, 1.0, 1.0)) -> dict[str, float]:
+    """Sensitivity, specificity and volumes of a prediction against a reference.
+
+    Specificity counts every voxel of the array as a candidate negative, so
+    evaluate on the full (uncropped) grid as BraTS does.
+
+    Empty denominators: sensitivity with an empty reference is 1.0 if the
+    prediction is empty too and 0.0 otherwise (the Dice rule: a false alarm
+    on a tumour-free region scores 0). Specificity with no reference negatives
+    (the whole array is tumour) is 1.0, since no false positive is possible.
+
+    Args:
+        pred: (X, Y, Z) bool mask.
+        gt: (X, Y, Z) bool mask.
+        spacing: voxel size in mm along X, Y, Z (for the mL volumes).
+
+    Returns:
+        ``sensitivity``, ``specificity``, ``volume_pred_vox``, ``volume_gt_vox``,
+        ``volume_pred_ml``, ``volume_gt_ml`` (all float).
+
+    Raises:
+        ConfigError: shapes differ or ``spacing`` is bad.
+    """
+    _check_pair(pred, gt, ndim=3)
+    voxel_ml = math.prod(_check_spacing(spacing)) / 1000.0
+    n_pred, n_gt = int(np.count_nonzero(pred)), int(np.count_nonzero(gt))
+    tp = int(np.count_nonzero(np.logical_and(pred, gt)))
+    fp = n_pred - tp
+    negatives = gt.size - n_gt
+    if n_gt == 0:
+        sensitivity = 1.0 if n_pred == 0 else 0.0
+    else:
+        sensitivity = tp / n_gt
+    specificity = 1.0 if negatives == 0 else (negatives - fp) / negatives
+    return {
+        "sensitivity": sensitivity,
+        "specificity": specificity,
+        "volume_pred_vox": float(n_pred),
+        "volume_gt_vox": float(n_gt),
+        "volume_pred_ml": n_pred * voxel_ml,
+        "volume_gt_ml": n_gt * voxel_ml,
+    }
+
+
+def evaluate_case(pred_label: np.ndarray, gt_label: np.ndarray, spacing: Spacing) -> dict[str, float]:
+    """All BraTS metrics of one case, per region and per class.
+
+    Per region R in WT, TC, ET: ``Dice_R``, ``HD95_R``, ``Sensitivity_R``,
+    ``Specificity_R``, ``Volume_pred_R_ml``, ``Volume_gt_R_ml``. Per class:
+    ``Dice_NCR`` and ``Dice_ED``; the ET class is the ET region, so its Dice
+    is the single key ``Dice_ET``.
+
+    Args:
+        pred_label: (X, Y, Z) integer classes 0..3, the full original grid.
+        gt_label: (X, Y, Z) integer classes 0..3, same shape.
+        spacing: voxel size in mm along X, Y, Z.
+
+    Returns:
+        Metric name -> float.
+
+    Raises:
+        ConfigError: shapes differ, or a label lies outside 0..3 (e.g. a raw
+            BraTS 4 that was not mapped to 3).
+    """
+    _check_labels(pred_label, gt_label)
+    pred_masks, gt_masks = region_masks(pred_label), region_masks(gt_label)
+    row: dict[str, float] = {}
+    for name in REGIONS:
+        p, g = pred_masks[name], gt_masks[name]
+        conf = confusion_metrics(p, g, spacing)
+        row[f"Dice_{name}"] = dice(p, g)
+        row[f"HD95_{name}"] = hd95(p, g, spacing)
+        row[f"Sensitivity_{name}"] = conf["sensitivity"]
+        row[f"Specificity_{name}"] = conf["specificity"]
+        row[f"Volume_pred_{name}_ml"] = conf["volume_pred_ml"]
+        row[f"Volume_gt_{name}_ml"] = conf["volume_gt_ml"]
+    for cls, cls_name in CLASS_NAMES.items():
+        key = f"Dice_{cls_name}"
+        if key not in row:
+            row[key] = dice(pred_label == cls, gt_label == cls)
+    return row
+
+
+def batch_region_dice(pred_label: np.ndarray, gt_label: np.ndarray) -> dict[str, float]:
+    """Dice per region, for quick validation during training.
+
+    Args:
+        pred_label: (X, Y, Z) or (B, X, Y, Z) integer classes 0..3.
+        gt_label: same shape as ``pred_label``.
+
+    Returns:
+        ``{"Dice_WT", "Dice_TC", "Dice_ET"}``: for a batch, the mean over cases
+        of the per-case Dice (BraTS empty rules applied per case).
+
+    Raises:
+        ConfigError: shapes differ or the arrays are neither 3-D nor 4-D.
+    """
+    _check_pair(pred_label, gt_label)
+    if pred_label.ndim not in (3, 4):
+        raise ConfigError(f"label arrays must be (X, Y, Z) or (B, X, Y, Z), got shape {pred_label.shape}")
+    preds = pred_label[None] if pred_label.ndim == 3 else pred_label
+    gts = gt_label[None] if gt_label.ndim == 3 else gt_label
+    out: dict[str, float] = {}
+    for name, classes in REGIONS.items():
+        scores = [dice(np.isin(p, classes), np.isin(g, classes)) for p, g in zip(preds, gts)]
+        out[f"Dice_{name}"] = float(np.mean(scores))
+    return out
+
+
+def summarise(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per-metric statistics over cases, ignoring NaN and missing entries.
+
+    Args:
+        rows: one metric dict per case (e.g. from :func:`evaluate_case`).
+
+    Returns:
+        Metric -> ``{"mean", "std", "median", "p25", "p75", "n"}``; ``std`` is
+        the population std (ddof 0), ``n`` the number of finite values. A
+        metric with no finite value gets NaN statistics and ``n`` 0.
+    """
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+    out: dict[str, dict[str, float]] = {}
+    for key in keys:
+        values = np.array([row.get(key, math.nan) for row in rows], dtype=np.float64)
+        values = values[np.isfinite(values)]
+        if values.size == 0:
+            nan = math.nan
+            out[key] = {"mean": nan, "std": nan, "median": nan, "p25": nan, "p75": nan, "n": 0.0}
+            continue
+        p25, median, p75 = np.percentile(values, [25, 50, 75])
+        out[key] = {
+            "mean": float(values.mean()),
+            "std": float(values.std()),
+            "median": float(median),
+            "p25": float(p25),
+            "p75": float(p75),
+            "n": float(values.size),
+        }
+    return out
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    """Voxels of ``mask`` removed by one 6-connected erosion (the edge counts as outside)."""
+    cross = ndimage.generate_binary_structure(mask.ndim, 1)
+    return np.asarray(mask & ~ndimage.binary_erosion(mask, structure=cross, iterations=1, border_value=0))
+
+
+def _union_box(a: np.ndarray, b: np.ndarray, margin: int) -> tuple[slice, ...]:
+    """Slices of the bounding box of ``a | b`` grown by ``margin``, clipped to the array."""
+    box = []
+    for axis in range(a.ndim):
+        other = tuple(ax for ax in range(a.ndim) if ax != axis)
+        hits = np.flatnonzero(np.any(a, axis=other) | np.any(b, axis=other))
+        lo = max(int(hits[0]) - margin, 0)
+        hi = min(int(hits[-1]) + 1 + margin, a.shape[axis])
+        box.append(slice(lo, hi))
+    return tuple(box)
+
+
+def _check_pair(pred: np.ndarray, gt: np.ndarray, ndim: int | None = None) -> None:
+    """Raise ConfigError unless both arrays have one shape (and ``ndim`` axes if given)."""
+    if pred.shape != gt.shape:
+        raise ConfigError(f"prediction shape {pred.shape} differs from reference shape {gt.shape}")
+    if ndim is not None and pred.ndim != ndim:
+        raise ConfigError(f"expected {ndim}-D masks, got shape {pred.shape}")
+
+
+def _check_spacing(spacing: Spacing) -> tuple[float, float, float]:
+    """Spacing as three positive finite floats, or ConfigError naming it."""
+    values = tuple(float(s) for s in spacing)
+    if len(values) != 3 or not all(math.isfinite(s) and s > 0 for s in values):
+        raise ConfigError(f"spacing must be three positive finite mm values, got {tuple(spacing)}")
+    return (values[0], values[1], values[2])
+
+
+def _check_labels(pred_label: np.ndarray, gt_label: np.ndarray) -> None:
+    """Raise ConfigError unless both are 3-D integer label maps with classes 0..3."""
+    _check_pair(pred_label, gt_label, ndim=3)
+    for name, label in (("prediction", pred_label), ("reference", gt_label)):
+        if not (np.issubdtype(label.dtype, np.integer) or label.dtype == np.bool_):
+            raise ConfigError(f"{name} labels must be integers, got dtype {label.dtype}")
+        if label.size and (label.min() < 0 or label.max() >= NUM_CLASSES):
+            bad = np.unique(label[(label < 0) | (label >= NUM_CLASSES)]).tolist()
+            raise ConfigError(f"{name} labels {bad} outside 0..{NUM_CLASSES - 1}; map raw BraTS 4 (ET) to 3 first")
