@@ -63,3 +63,12 @@ def reference_preprocess(images: list[np.ndarray], seg: np.ndarray | None) -> tu
         out[c][mask] = (v - v.mean()) / v.std()
     sl = tuple(slice(a, b) for a, b in box)
     return out[(slice(None), *sl)], box
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(synthetic_master: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """The synthetic cases preprocessed once: (keyed cache dir, case ids). Read-only."""
+    from preprocess.run import run_preprocess
+
+    summary = run_preprocess(synthetic_master, tmp_path_factory.mktemp("cache"), TINY_CFG, jobs=1, progress=False)
+    return summary.cache_dir, sorted(summary.written)

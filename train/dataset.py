@@ -1,0 +1,187 @@
+"""Patch loading from the Zarr cache: a map-style Dataset and the loaders that feed training.
+
+Randomness: sample ``k`` of a run (``k = step * batch_size + j``) is drawn
+from ``np.random.default_rng([seed, k])``. The patch therefore depends on
+nothing but the seed and its position in the run: the same seed gives the
+same patches with 0, 1 or 8 workers, threads or processes, fork or spawn;
+distinct samples (and so distinct workers) get distinct patches; and a
+resumed run continues with exactly the patches the uninterrupted one would
+have seen. This is stricter than seeding per (seed, epoch, worker id), which
+makes the patches depend on the worker count.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from pipeline.cache import CachedCase, open_case
+from pipeline.errors import ConfigError
+from pipeline.sampling import choose_patch_start
+
+
+@dataclass(frozen=True)
+class PatchSpec:
+    """What a patch is: size, tumour share, flips, seed."""
+
+    patch_size: tuple[int, int, int]
+    p_fg: float = 0.33
+    flips: bool = True
+    seed: int = 0
+
+
+class PatchDataset(Dataset[dict[str, Any]]):
+    """Map-style dataset: index ``k`` -> the ``k``-th random patch of the run.
+
+    Stores paths only; every process or thread opens cases lazily on first use
+    and reads only the chunks a patch touches.
+
+    Returns per item a dict: ``image`` (4, px, py, pz) float16 tensor,
+    ``label`` (px, py, pz) uint8 tensor, ``case_id``, ``start``, ``fg_class``
+    (class the patch was centred on, 0 for a uniform draw).
+    """
+
+    def __init__(self, cache_dir: str | Path, case_ids: Sequence[str], spec: PatchSpec, length: int) -> None:
+        if not case_ids:
+            raise ConfigError("PatchDataset needs at least one case")
+        self.cache_dir = str(cache_dir)
+        self.case_ids = list(case_ids)
+        self.spec = spec
+        self.length = length
+        self._cases: dict[str, CachedCase] = {}
+        self._warned: set[str] = set()
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _case(self, case_id: str) -> CachedCase:
+        case = self._cases.get(case_id)
+        if case is None:
+            case = self._cases[case_id] = open_case(self.cache_dir, case_id)
+            if not case.has_label:
+                raise ConfigError(f"{case_id}: has no label map and cannot be used for training")
+        return case
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        rng = np.random.default_rng([self.spec.seed, int(index)])
+        case = self._case(self.case_ids[int(rng.integers(len(self.case_ids)))])
+        indices = case.indices()
+        if not indices and self.spec.p_fg > 0 and case.case_id not in self._warned:
+            self._warned.add(case.case_id)
+            warnings.warn(f"{case.case_id}: no tumour voxels; its patches are drawn uniformly", stacklevel=2)
+        start, cls = choose_patch_start(case.shape, self.spec.patch_size, indices, self.spec.p_fg, rng)
+        image, label = case.read_patch(start, self.spec.patch_size)
+        assert label is not None  # checked in _case
+        if self.spec.flips:
+            axes = [a for a in range(3) if rng.random() < 0.5]
+            if axes:
+                image = np.ascontiguousarray(np.flip(image, axis=[a + 1 for a in axes]))
+                label = np.ascontiguousarray(np.flip(label, axis=axes))
+        return {
+            "image": torch.from_numpy(image),
+            "label": torch.from_numpy(label),
+            "case_id": case.case_id,
+            "start": torch.tensor(start),
+            "fg_class": cls,
+        }
+
+
+class RunSampler(Sampler[int]):
+    """Yields sample numbers ``first, first + 1, ...`` (``count`` of them)."""
+
+    def __init__(self, first: int, count: int) -> None:
+        self.first, self.count = first, count
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.first, self.first + self.count))
+
+    def __len__(self) -> int:
+        return self.count
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack a list of dataset items into a batch."""
+    return {
+        "image": torch.stack([i["image"] for i in items]),
+        "label": torch.stack([i["label"] for i in items]),
+        "case_id": [i["case_id"] for i in items],
+        "start": torch.stack([i["start"] for i in items]),
+        "fg_class": torch.tensor([i["fg_class"] for i in items]),
+    }
+
+
+def thread_batches(
+    dataset: PatchDataset, first_step: int, steps: int, batch_size: int, workers: int, pin_memory: bool = False
+) -> Iterator[dict[str, Any]]:
+    """Batches for steps ``first_step .. first_step + steps - 1`` from a thread pool.
+
+    Chunk reads and Blosc decoding release the GIL, so threads decode in
+    parallel without copying patches between processes (the costly part on
+    a small machine, see docs/benchmarks.md). Up to ``2 * workers`` samples
+    are read ahead.
+    """
+    total = steps * batch_size
+    first = first_step * batch_size
+    depth = max(2 * max(workers, 1), batch_size)
+    with ThreadPoolExecutor(max_workers=max(workers, 1), thread_name_prefix="patch") as pool:
+        pending: list[Future[dict[str, Any]]] = []
+        nxt = 0
+        for step in range(steps):
+            while nxt < total and len(pending) < depth + batch_size:
+                pending.append(pool.submit(dataset.__getitem__, first + nxt))
+                nxt += 1
+            items = [f.result() for f in pending[:batch_size]]
+            del pending[:batch_size]
+            batch = collate(items)
+            if pin_memory:
+                batch["image"], batch["label"] = batch["image"].pin_memory(), batch["label"].pin_memory()
+            yield batch
+
+
+def process_batches(
+    dataset: PatchDataset, first_step: int, steps: int, batch_size: int, workers: int, pin_memory: bool = False
+) -> Iterator[dict[str, Any]]:
+    """The same batches from a torch DataLoader with worker processes."""
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=RunSampler(first_step * batch_size, steps * batch_size),
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        prefetch_factor=2 if workers else None,
+    )
+    yield from loader
+
+
+def make_batches(kind: str, dataset: PatchDataset, first_step: int, steps: int, batch_size: int,
+                 workers: int, pin_memory: bool = False) -> Iterator[dict[str, Any]]:
+    """Dispatch to :func:`thread_batches` or :func:`process_batches`."""
+    fn = thread_batches if kind == "threads" else process_batches
+    return fn(dataset, first_step, steps, batch_size, workers, pin_memory)
+
+
+def split_cases(case_ids: Sequence[str], n_folds: int, fold: int) -> tuple[list[str], list[str]]:
+    """Deterministic k-fold split by case id: (train ids, validation ids).
+
+    Case ids are sorted, shuffled by a fixed seed and dealt round-robin into
+    folds, so the split depends only on the set of ids.
+    """
+    ids = sorted(case_ids)
+    if len(ids) < 2:
+        raise ConfigError(f"need at least 2 labelled cases to split, got {len(ids)}")
+    order = np.random.default_rng(12345).permutation(len(ids))
+    val = sorted(ids[i] for j, i in enumerate(order) if j % n_folds == fold)
+    if not val:
+        raise ConfigError(f"fold {fold} of {n_folds} is empty with {len(ids)} cases")
+    train = sorted(set(ids) - set(val))
+    return train, val
