@@ -1,23 +1,11 @@
 """Synthetic BraTS2020-style cases, for tests, demos and smoke training.
 
-Each case is a skull-stripped brain (a deformed ellipsoid with white matter,
-grey matter, CSF, ventricles, surface vessels and a few non-tumour FLAIR
-hyper-intensities) holding one glioma built from necrosis (label 1) inside an
-enhancing rim (4) inside oedema (2). Images get texture, a multiplicative bias
-field, Rician noise and a random intensity scale per case and modality, so no
-single channel thresholds the tumour, yet a small 3-D U-Net learns it.
-
-Cases are written exactly as the BraTS2020 download lays them out::
-
-    OUT_DIR/BraTS20_Training_001/BraTS20_Training_001_{flair,t1,t1ce,t2,seg}.nii
-
-Smooth fields are drawn on a coarse grid and upsampled by separable cubic
-B-spline matrices (exactly ``scipy.ndimage.zoom(order=3)``, ~50x faster),
-which keeps a 240x240x155 case at about a second.
-
-Usage::
-
-    python -m pipeline.synthetic data/raw --cases 8 --shape 128 128 96
+A skull-stripped brain (WM, GM, sulci, ventricles, deep grey nuclei, vessels,
+non-tumour FLAIR lesions) holds one glioma: necrosis (1) inside an enhancing
+rim (4) inside oedema (2). Texture, a bias field, Rician noise and a random
+scale per case and modality keep any one channel from thresholding the tumour.
+Written as ``OUT_DIR/BraTS20_Training_001/BraTS20_Training_001_{flair,t1,t1ce,t2,seg}.nii``
+by ``python -m pipeline.synthetic OUT_DIR --cases 8 [--shape 128 128 96]``.
 """
 
 from __future__ import annotations
@@ -37,56 +25,38 @@ from pipeline.errors import ConfigError
 from pipeline.nifti import BRATS_AFFINE, MODALITIES, save_volume
 
 BRATS_SHAPE: tuple[int, int, int] = (240, 240, 155)
-_BRAIN_SEMI_AXES = np.array([66.0, 80.0, 64.0])  # mm, at BRATS_SHAPE
+_BRAIN_SEMI_AXES = np.array([66.0, 80.0, 64.0])  # mm at BRATS_SHAPE: a ~140 x 170 x 140 brain
 _MIN_SIDE = 16
 _PREFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_CUBE = np.ones((3, 3, 3), dtype=bool)
 log = logging.getLogger(__name__)
 
-# Relative intensity per modality (rows: flair, t1, t1ce, t2). Columns: the
-# means of WM, GM, CSF, then additive deltas of surface vessels and of
-# non-tumour FLAIR hyper-intensities (white-matter lesions), which fill the
-# (5, X, Y, Z) tissue-weight array in that order.
+# Relative intensities; rows follow MODALITIES (flair, t1, t1ce, t2). Columns:
+# WM, GM and CSF means, then additive deltas of surface vessels and of
+# non-tumour white-matter lesions (the rows of the tissue-weight array).
 _TISSUE = np.array(
-    [
-        [0.60, 0.75, 0.15, 0.00, 0.40],
-        [1.00, 0.70, 0.25, 0.00, -0.10],
-        [0.95, 0.70, 0.25, 0.70, -0.10],
-        [0.45, 0.65, 1.00, -0.10, 0.30],
-    ]
-)
+    [[0.60, 0.75, 0.15, 0.00, 0.40], [1.00, 0.70, 0.25, 0.00, -0.10],
+     [0.95, 0.70, 0.25, 0.70, -0.10], [0.45, 0.65, 1.00, -0.10, 0.30]]
+)  # fmt: skip
 # Columns: oedema (2), enhancing (4), necrosis (1).
-_TUMOUR = np.array(
-    [
-        [1.10, 0.95, 0.55],
-        [0.58, 0.62, 0.30],
-        [0.60, 1.45, 0.30],
-        [0.90, 0.75, 1.05],
-    ]
-)
-_CUBE = np.ones((3, 3, 3), dtype=bool)
+_TUMOUR = np.array([[1.20, 0.95, 0.55], [0.58, 0.62, 0.30], [0.60, 1.45, 0.30], [0.90, 0.75, 1.05]])
+
+_Box = tuple[slice, ...]
+# (tumour box within the brain box, its uint8 labels, its oedema radius < 1 inside)
+_Tumour = tuple[_Box, np.ndarray, np.ndarray]
 
 
 def _interp_matrix(n_in: int, n_out: int) -> np.ndarray:
     """(n_out, n_in) float32 matrix of 1-D cubic B-spline interpolation."""
-    eye = np.eye(n_in, dtype=np.float32)
-    return ndimage.zoom(eye, (n_out / n_in, 1.0), order=3, mode="mirror")
+    return ndimage.zoom(np.eye(n_in, dtype=np.float32), (n_out / n_in, 1.0), order=3, mode="mirror")
 
 
 def _smooth_noise(shape: tuple[int, ...], cell: float, rng: np.random.Generator) -> np.ndarray:
-    """Smooth Gaussian random field, roughly zero mean and unit variance.
-
-    Args:
-        shape: output (X, Y, Z) shape.
-        cell: feature size in voxels (spacing of the coarse random grid).
-        rng: source of randomness.
-
-    Returns:
-        (X, Y, Z) float32 C-contiguous array.
-    """
+    """(X, Y, Z) float32 smooth random field, ~zero mean, unit variance, features ~``cell`` voxels."""
     cell = max(cell, 1.5)
     coarse = tuple(max(2, int(np.ceil(n / cell)) + 1) for n in shape)
     out = rng.standard_normal(coarse, dtype=np.float32)
-    for axis in (2, 1, 0):  # axis 0 last, so the result stays C-ordered
+    for axis in (2, 1, 0):  # axis 0 last, so the result comes out C-ordered
         m = _interp_matrix(out.shape[axis], shape[axis])
         out = np.moveaxis(np.tensordot(m, out, axes=(1, axis)), 0, axis)
     out = np.ascontiguousarray(out)
@@ -94,73 +64,56 @@ def _smooth_noise(shape: tuple[int, ...], cell: float, rng: np.random.Generator)
     return out
 
 
-def _ellipsoid_box(
-    shape: tuple[int, ...], centre: np.ndarray, half: np.ndarray
-) -> tuple[tuple[slice, ...], list[np.ndarray]]:
-    """Bounding box ``centre +- half`` clipped to ``shape``, and its voxel offsets.
-
-    Returns:
-        The box as slices, and three broadcastable float32 arrays of the
-        (x, y, z) offsets of each box voxel from ``centre``, in voxels.
-    """
+def _ellipsoid_box(shape: tuple[int, ...], centre: np.ndarray, half: np.ndarray) -> tuple[_Box, list[np.ndarray]]:
+    """Box ``centre +- half`` clipped to ``shape``, and 3 broadcastable float32 voxel offsets from ``centre``."""
     lo = np.clip(np.floor(centre - half), 0, np.array(shape) - 1).astype(int)
     hi = np.clip(np.ceil(centre + half) + 1, lo + 1, shape).astype(int)
-    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
     offs = [
         (np.arange(a, b, dtype=np.float32) - np.float32(c)).reshape([-1 if i == k else 1 for i in range(3)])
         for k, (a, b, c) in enumerate(zip(lo, hi, centre))
     ]
-    return box, offs
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi)), offs
 
 
-def _brain(
-    shape: tuple[int, int, int], rng: np.random.Generator
-) -> tuple[tuple[slice, ...], list[np.ndarray], np.ndarray]:
-    """Place a deformed ellipsoidal brain.
+def _brain(shape: tuple[int, ...], vox: float, rng: np.random.Generator) -> tuple[_Box, list[np.ndarray], np.ndarray]:
+    """Place a deformed ellipsoidal brain; return its box in the volume, ``u`` and ``r``.
 
-    Returns:
-        ``box``: slices of the brain's bounding box in the volume; ``u``: three
-        broadcastable float32 arrays of box coordinates normalised by the
-        semi-axes (the brain's centre at 0); ``r``: box-shaped float32
-        normalised radius, the brain being ``r < 1``.
+    ``u``: 3 broadcastable float32 box coordinates divided by the semi-axes;
+    ``r``: box-shaped float32 deformed radius, the brain being ``r < 1``.
     """
     scale = np.array(shape) / np.array(BRATS_SHAPE)
     semi = _BRAIN_SEMI_AXES * scale * rng.uniform(0.95, 1.05, 3)
     centre = (np.array(shape) - 1) / 2 + rng.uniform(-0.02, 0.02, 3) * np.array(shape)
-    box, offs = _ellipsoid_box(shape, centre, semi * 1.14 + 1)
+    box, offs = _ellipsoid_box(shape, centre, semi * 1.1 + 1)
     u = [o / np.float32(s) for o, s in zip(offs, semi)]
     r = np.sqrt(u[0] ** 2 + u[1] ** 2 + u[2] ** 2)
-    bumps = _smooth_noise(r.shape, 22.0 * _geo(scale), rng)
-    r *= 1.0 + 0.06 * np.clip(bumps, -2.0, 2.0)  # smooth, bounded: stays in the box
+    r *= 1.0 + 0.04 * np.clip(_smooth_noise(r.shape, 30.0 * vox, rng), -2.0, 2.0)  # stays in the box
     return box, u, r
 
 
-def _geo(scale: np.ndarray) -> float:
-    """Geometric mean of the per-axis scale (voxels per BraTS millimetre)."""
-    return float(np.prod(scale) ** (1.0 / 3.0))
+def _quadric(u: list[np.ndarray], centre: tuple[float, float, float], semi: tuple[float, float, float]) -> np.ndarray:
+    """Normalised squared radius of a left/right mirrored pair of ellipsoids; < 1 inside."""
+    d = (np.abs(u[0]) - centre[0]) ** 2 / semi[0] ** 2 + (u[1] - centre[1]) ** 2 / semi[1] ** 2
+    return d + (u[2] - centre[2]) ** 2 / semi[2] ** 2
 
 
 def _tissues(u: list[np.ndarray], r: np.ndarray, vox: float, rng: np.random.Generator) -> np.ndarray:
-    """Soft tissue weights inside the brain box.
-
-    Returns:
-        (5, *r.shape) float32: WM, GM, CSF fractions (summing to 1), vessel
-        and lesion weights in [0, 1]; the lesion row is left at zero.
-    """
+    """(5, *r.shape) float32 weights: WM, GM, CSF (summing to 1), vessels, lesions (left at 0)."""
     w = np.zeros((5, *r.shape), dtype=np.float32)
-    folds = _smooth_noise(r.shape, 9.0 * vox, rng)
+    folds = _smooth_noise(r.shape, 7.0 * vox, rng)
     fine = _smooth_noise(r.shape, 4.0 * vox, rng)
-    wm = np.clip((0.78 - r + 0.09 * folds) / 0.05, 0.0, 1.0)
-    cortex = np.clip((r - 0.80) / 0.1, 0.0, 1.0) * (1.0 - wm)
-    size = rng.uniform(0.7, 1.4)  # atrophy varies the ventricles
-    vent = (np.abs(u[0]) - 0.12) ** 2 / (0.07 * size) ** 2 + (u[1] - 0.05) ** 2 / (0.32 * size) ** 2
-    vent = vent + (u[2] - 0.12) ** 2 / (0.14 * size) ** 2
-    csf = np.maximum(np.clip((1.0 - vent) / 0.3, 0.0, 1.0), np.clip((r - 0.95) / 0.04, 0.0, 1.0))
-    np.maximum(csf, np.clip((fine - 1.0) / 0.4, 0.0, 1.0) * cortex, out=csf)
+    size = rng.uniform(0.7, 1.5)  # atrophy varies the ventricles
+    vent = _quadric(u, (0.11 * size, 0.06, 0.12), (0.08 * size, 0.3 * size, 0.15 * size))
+    deep_gm = np.clip((1.0 - _quadric(u, (0.22, 0.0, -0.05), (0.1, 0.16, 0.12))) / 0.3, 0.0, 1.0)
+    wm = np.clip((0.84 - r + 0.07 * folds) / 0.04, 0.0, 1.0) * (1.0 - deep_gm)
+    cortex = np.clip((r - 0.8) / 0.08, 0.0, 1.0) * (1.0 - wm)
+    csf = np.clip(1.0 - np.abs(fine) / 0.25, 0.0, 1.0) * cortex  # sulci: a level set of a smooth field
+    np.maximum(csf, np.clip((1.0 - vent) / 0.3, 0.0, 1.0), out=csf)
+    np.maximum(csf, np.clip((r - 0.965) / 0.03, 0.0, 1.0), out=csf)
     w[0] = np.minimum(wm, 1.0 - csf)
     w[2] = csf
     w[1] = 1.0 - w[0] - csf
-    w[3] = np.clip((fine + 0.5 * folds - 1.9) / 0.3, 0.0, 1.0) * np.clip((r - 0.88) / 0.06, 0.0, 1.0)
+    w[3] = np.clip((folds - 1.8) / 0.3, 0.0, 1.0) * np.clip((r - 0.9) / 0.05, 0.0, 1.0)
     return w
 
 
@@ -181,18 +134,10 @@ def _blob(offs: list[np.ndarray], radii: np.ndarray, rot: np.ndarray, bumps: np.
     return np.sqrt(d2) / (1.0 + 0.22 * np.clip(bumps, -2.5, 2.5))
 
 
-def _tumour(
-    r: np.ndarray, vox: float, rng: np.random.Generator
-) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray]:
-    """Draw the tumour inside the brain box.
-
-    Returns:
-        ``tbox``: slices of the tumour's box within the brain box; its labels
-        (uint8 in {0, 1, 2, 4}, inside the brain); its oedema radius (float32,
-        < 1 inside), used to grade oedema intensity.
-    """
+def _tumour(r: np.ndarray, vox: float, rng: np.random.Generator) -> _Tumour:
+    """Draw the tumour inside the brain box: labels {0, 1, 2, 4}, non-zero only where ``r < 1``."""
     small = rng.random() < 0.08
-    radius = max(3.0, (rng.uniform(5.0, 10.0) if small else rng.uniform(14.0, 32.0)) * vox)
+    radius = max(3.0, (rng.uniform(5.0, 10.0) if small else rng.uniform(17.0, 36.0)) * vox)
     radii = radius * rng.uniform(0.75, 1.25, 3)
     rot, _ = np.linalg.qr(rng.standard_normal((3, 3)))
     centre = _pick_centre(r, 0.6, rng)
@@ -201,8 +146,7 @@ def _tumour(
     oedema = _blob(offs, radii, rot, _smooth_noise(tshape, radius / 2, rng))
     shift = rng.uniform(-0.25, 0.25, 3) * radius
     core_offs = [o - np.float32(s) for o, s in zip(offs, shift)]
-    core_radii = radii * rng.uniform(0.45, 0.8)
-    core_d = _blob(core_offs, core_radii, rot, _smooth_noise(tshape, radius / 3, rng))
+    core_d = _blob(core_offs, radii * rng.uniform(0.45, 0.8), rot, _smooth_noise(tshape, radius / 3, rng))
     inside = r[tbox] < 1.0
     core = (core_d < 1.0) & inside
     whole = ((oedema < 1.0) | core) & inside
@@ -211,8 +155,8 @@ def _tumour(
     seg[core] = 4
     if rng.random() >= 0.15:  # else: no necrosis
         nec_d = core_d * (1.0 + 0.15 * np.clip(_smooth_noise(tshape, radius / 3, rng), -2, 2))
-        # Eroding the core keeps necrosis >= 2 voxels (Chebyshev) from non-core.
-        seg[(nec_d < rng.uniform(0.6, 0.9)) & ndimage.binary_erosion(core, _CUBE, iterations=1 + (vox > 0.5))] = 1
+        # Eroding the core keeps necrosis 1 voxel (2 from half BraTS size up) away from non-core.
+        seg[(nec_d < rng.uniform(0.6, 0.9)) & ndimage.binary_erosion(core, _CUBE, 1 + (vox > 0.5))] = 1
     return tbox, seg, oedema
 
 
@@ -225,27 +169,27 @@ def _lesions(r: np.ndarray, out: np.ndarray, vox: float, rng: np.random.Generato
         np.maximum(out[box], np.clip((radius - d) + 0.5, 0.0, 1.0), out=out[box])
 
 
-def _composite(
-    tissue: np.ndarray, tumour: tuple[tuple[slice, ...], np.ndarray, np.ndarray], rng: np.random.Generator
-) -> np.ndarray:
+def _composite(tissue: np.ndarray, tumour: _Tumour, vox: float, rng: np.random.Generator) -> np.ndarray:
     """Relative (4, *box) float32 intensities in MODALITIES order, before bias, noise and scale."""
-    tissue_means = (_TISSUE * rng.uniform(0.9, 1.1, _TISSUE.shape)).astype(np.float32)
-    img = np.tensordot(tissue_means, tissue, axes=1)
+    img = np.tensordot((_TISSUE * rng.uniform(0.9, 1.1, _TISSUE.shape)).astype(np.float32), tissue, axes=1)
+    texture = _smooth_noise(tissue.shape[1:], 3.0 * vox, rng)
     tbox, seg, oedema = tumour
     means = _TUMOUR * rng.uniform(0.85, 1.15, _TUMOUR.shape)
+    # Partial volume: blur the label masks a little (sigma in voxels).
     soft = [ndimage.gaussian_filter(m.astype(np.float32), 0.6) for m in (seg > 0, (seg == 1) | (seg == 4), seg == 1)]
-    grade = 0.85 + 0.3 * np.clip(1.0 - oedema, 0.0, 1.0)
-    hetero = 1.0 + 0.08 * _smooth_noise(seg.shape, 3.0, rng)
+    grade = 0.9 + 0.2 * np.clip(1.0 - oedema, 0.0, 1.0)  # oedema brightest near the core
+    hetero = 1.0 + 0.05 * texture[tbox]
     for m in range(len(MODALITIES)):
         inner = means[m, 1] * (1.0 - soft[2]) + means[m, 2] * soft[2]
         tum = (means[m, 0] * grade * (1.0 - soft[1]) + inner * soft[1]) * hetero
         view = img[m][tbox]
         view += soft[0] * (tum - view)
+    img *= 1.0 + 0.04 * texture
     return img
 
 
 def _finish(img: np.ndarray, brain: np.ndarray, vox: float, rng: np.random.Generator) -> np.ndarray:
-    """Bias field, Rician noise and a random scale; (X, Y, Z) float32 -> int16, 0 outside ``brain``."""
+    """Bias field, Rician noise, random scale: (X, Y, Z) float32 -> int16, 0 outside ``brain``, >= 1 inside."""
     img *= np.exp(0.12 * _smooth_noise(img.shape, 70.0 * vox, rng))
     sigma = np.float32(rng.uniform(0.015, 0.04))
     real = img + sigma * rng.standard_normal(img.shape, dtype=np.float32)
@@ -253,9 +197,8 @@ def _finish(img: np.ndarray, brain: np.ndarray, vox: float, rng: np.random.Gener
     out = np.sqrt(real * real + imag * imag, out=real)
     out *= brain
     out *= np.float32(np.exp(rng.uniform(np.log(500.0), np.log(16000.0))) / max(float(out.max()), 1e-6))
-    np.rint(out, out=out)
-    np.clip(out, 1, 32767, out=out)
-    out *= brain  # background exactly 0, every brain voxel >= 1 in every modality
+    np.clip(np.rint(out, out=out), 1, 32767, out=out)
+    out *= brain
     return out.astype(np.int16)
 
 
@@ -263,8 +206,8 @@ def make_case(shape: Sequence[int], rng: np.random.Generator) -> tuple[dict[str,
     """Generate one synthetic case in memory.
 
     Args:
-        shape: (X, Y, Z) volume size, each side >= 16; BraTS is (240, 240, 155)
-            at 1 mm, and smaller shapes shrink the anatomy proportionally.
+        shape: (X, Y, Z) size, each side >= 16; (240, 240, 155) is BraTS at
+            1 mm, and smaller shapes shrink the anatomy proportionally.
         rng: the only source of randomness.
 
     Returns:
@@ -276,13 +219,13 @@ def make_case(shape: Sequence[int], rng: np.random.Generator) -> tuple[dict[str,
         ConfigError: ``shape`` is not three integers >= 16.
     """
     shp = _check_shape(shape)
-    vox = _geo(np.array(shp) / np.array(BRATS_SHAPE))
-    box, u, r = _brain(shp, rng)
+    vox = float(np.prod(np.array(shp) / np.array(BRATS_SHAPE)) ** (1.0 / 3.0))  # voxels per BraTS mm
+    box, u, r = _brain(shp, vox, rng)
     brain = r < 1.0
     tissue = _tissues(u, r, vox, rng)
     _lesions(r, tissue[4], vox, rng)
     tumour = _tumour(r, vox, rng)
-    relative = _composite(tissue, tumour, rng)
+    relative = _composite(tissue, tumour, vox, rng)
     images: dict[str, np.ndarray] = {}
     for m, name in enumerate(MODALITIES):
         images[name] = np.zeros(shp, dtype=np.int16)
@@ -321,16 +264,16 @@ def generate_dataset(
 ) -> list[Path]:
     """Write ``n_cases`` synthetic cases in the BraTS2020 folder layout.
 
-    Case ``k`` (numbered from ``start``) goes to ``out_dir/<prefix>_kkk/`` as
+    Case ``k`` (counting from ``start``) goes to ``out_dir/<prefix>_kkk/`` as
     ``<prefix>_kkk_{flair,t1,t1ce,t2[,seg]}.nii[.gz]`` with
     :data:`pipeline.nifti.BRATS_AFFINE`. Its generator is seeded with
-    ``(seed, k)``, so a case is identical whatever ``n_cases`` and ``start``.
+    ``[seed, k]``, so a case is the same whatever ``n_cases`` and ``start``.
 
     Args:
         out_dir: root folder, created if needed; existing files are replaced.
         n_cases: number of cases, >= 1.
         seed: dataset seed, >= 0.
-        shape: (X, Y, Z) volume size, each side >= 16.
+        shape: (X, Y, Z) size, each side >= 16.
         gz: write ``.nii.gz`` instead of ``.nii``.
         with_seg: also write the ``_seg`` label map (uint8 {0, 1, 2, 4}).
         start: number of the first case, >= 1 (zero-padded to 3 digits).
@@ -348,7 +291,6 @@ def generate_dataset(
     shp = _check_shape(shape)
     if not isinstance(prefix, str) or not _PREFIX.match(prefix):
         raise ConfigError(f"prefix must match {_PREFIX.pattern}, got {prefix!r}")
-    suffix = ".nii.gz" if gz else ".nii"
     folders: list[Path] = []
     for number in range(start, start + n_cases):
         t0 = time.perf_counter()
@@ -356,11 +298,10 @@ def generate_dataset(
         folder = Path(out_dir) / case_id
         folder.mkdir(parents=True, exist_ok=True)
         images, seg = make_case(shp, np.random.default_rng([seed, number]))
-        volumes = {**images, "seg": seg} if with_seg else images
-        for name, array in volumes.items():
-            save_volume(folder / f"{case_id}_{name}{suffix}", array, BRATS_AFFINE)
+        for name, array in ({**images, "seg": seg} if with_seg else images).items():
+            save_volume(folder / f"{case_id}_{name}{'.nii.gz' if gz else '.nii'}", array, BRATS_AFFINE)
         folders.append(folder)
-        log.info("%s  %.2f s  tumour voxels %d", case_id, time.perf_counter() - t0, int(np.count_nonzero(seg)))
+        log.info("%s  %.2f s  %d tumour voxels", case_id, time.perf_counter() - t0, np.count_nonzero(seg))
     return folders
 
 
@@ -368,17 +309,17 @@ def _parser() -> argparse.ArgumentParser:
     """Command-line interface of ``python -m pipeline.synthetic``."""
     p = argparse.ArgumentParser(
         prog="python -m pipeline.synthetic",
-        description="Write synthetic BraTS2020-style cases (four int16 modalities and a uint8 "
-        "label map with values {0,1,2,4}) in the BraTS2020 folder layout.",
+        description="Write synthetic BraTS2020-style cases (int16 flair, t1, t1ce, t2 and a uint8 "
+        "label map with values {0, 1, 2, 4}) as OUT_DIR/<prefix>_001/<prefix>_001_<modality>.nii.",
     )
-    p.add_argument("out_dir", type=Path, help="root folder; case folders are created inside it")
+    p.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="root folder; case folders are created inside it")
     p.add_argument("--cases", type=int, required=True, help="number of cases to write")
-    p.add_argument("--seed", type=int, default=0, help="dataset seed; case k uses (seed, k) (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="dataset seed; case k draws from [seed, k] (default 0)")
     p.add_argument("--gz", action="store_true", help="write .nii.gz instead of .nii")
     p.add_argument(
         "--shape", type=int, nargs=3, metavar=("X", "Y", "Z"), default=list(BRATS_SHAPE),
-        help="volume size in voxels (default 240 240 155, as BraTS)",
-    )
+        help="volume size in voxels; anatomy scales with it (default 240 240 155, as BraTS)",
+    )  # fmt: skip
     p.add_argument("--no-seg", action="store_true", help="write images only, no _seg file")
     p.add_argument("--start", type=int, default=1, help="number of the first case (default 1)")
     p.add_argument("--prefix", default="BraTS20_Training", help="case-id prefix (default BraTS20_Training)")
@@ -386,7 +327,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Parse arguments and call :func:`generate_dataset`."""
+    """Parse arguments and call :func:`generate_dataset`, printing one line per case."""
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
@@ -394,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         folders = generate_dataset(
             args.out_dir, args.cases, seed=args.seed, shape=args.shape, gz=args.gz,
             with_seg=not args.no_seg, start=args.start, prefix=args.prefix,
-        )
+        )  # fmt: skip
     except ConfigError as exc:
         parser.error(str(exc))
     print(f"wrote {len(folders)} cases to {args.out_dir}")
