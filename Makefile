@@ -10,12 +10,27 @@ CACHE   ?= data_cache
 JOBS    ?= -1
 PREPROCESS_ARGS ?=
 
+# training stage
+RUN     ?= runs/demo
+PRESET  ?= small
+PATCH   ?= 96 96 96
+EPOCHS  ?= 8
+ITERS   ?= 40
+TRAIN_ARGS ?=
+
+# prediction and evaluation
+IN      ?= data/synthetic-val
+OUT     ?= $(RUN)/predictions
+PRED    ?= $(OUT)
+GT      ?= data/synthetic-val
+PREDICT_ARGS ?=
+
 # synthetic demo data
 DEMO_CASES ?= 10
 DEMO_SHAPE ?= 240 240 155
 DEMO_SEED  ?= 0
 
-.PHONY: help setup synthetic preprocess cache-info cache-verify demo test bench clean-demo
+.PHONY: help setup synthetic preprocess cache-info cache-verify train predict evaluate evaluate-run demo test bench clean-demo
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -38,6 +53,19 @@ cache-info:  ## cases, shapes, label counts and size of the cache under CACHE
 
 cache-verify:  ## read every cached case and check it against its attributes
 	$(PYTHON) -m pipeline.cache verify $(CACHE)
+
+train:  ## train PRESET on the cache under CACHE into RUN (add --resume via TRAIN_ARGS)
+	$(PYTHON) -m train --cache-dir $(CACHE) --run-dir $(RUN) --preset $(PRESET) --patch-size $(PATCH) \
+		--epochs $(EPOCHS) --iters-per-epoch $(ITERS) $(TRAIN_ARGS)
+
+predict:  ## segment the raw case folders in IN with RUN's best checkpoint into OUT
+	$(PYTHON) -m train.predict --run $(RUN) --input $(IN) --output $(OUT) $(PREDICT_ARGS)
+
+evaluate:  ## Dice, HD95, sensitivity, specificity, volumes of PRED against the segs in GT
+	$(PYTHON) -m train.evaluate --pred $(PRED) --gt $(GT)
+
+evaluate-run:  ## predict and evaluate RUN's validation cases straight from the cache
+	$(PYTHON) -m train.evaluate --run $(RUN)
 
 demo: setup  ## fresh machine -> the whole job on synthetic data
 	$(MAKE) --no-print-directory preprocess PYTHON=$(VENV)/bin/python
