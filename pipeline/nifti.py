@@ -7,10 +7,15 @@ see :func:`discover_cases` and :func:`read_case`.
 from __future__ import annotations
 
 import os
+import re
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from pipeline.errors import CaseError, MissingFileError
 
 # BraTS volumes are stored with this orientation (LPS-flipped RAS, 1 mm).
 BRATS_AFFINE = np.array(
@@ -55,12 +60,6 @@ def save_volume(
 # --------------------------------------------------------------------------
 # Raw BraTS case folders: editions, discovery, reading, validation.
 # --------------------------------------------------------------------------
-
-import re  # noqa: E402  (kept beside the code that uses it)
-import zlib  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-
-from pipeline.errors import CaseError, MissingFileError  # noqa: E402
 
 #: Canonical channel order of every image array in the project.
 MODALITIES: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")
@@ -212,6 +211,17 @@ def _load(case_id: str, path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
     return data, img
 
 
+def load_volume(case_id: str, path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """Read one 3-D NIfTI file: (array in its stored dtype, (4, 4) affine, voxel spacing in mm).
+
+    Raises:
+        CaseError: unreadable, truncated or not 3-D (names ``case_id`` and ``path``).
+    """
+    data, img = _load(case_id, path)
+    zooms = img.header.get_zooms()[:3]
+    return data, np.asarray(img.affine, dtype=np.float64), (float(zooms[0]), float(zooms[1]), float(zooms[2]))
+
+
 def _check_seg(case_id: str, path: Path, seg: np.ndarray, edition: Edition) -> np.ndarray:
     """Validate label values (any integer or float dtype) and return them as int16."""
     if not (np.issubdtype(seg.dtype, np.integer) or np.issubdtype(seg.dtype, np.floating)):
@@ -244,8 +254,7 @@ def read_case(files: CaseFiles, *, affine_tol: float = 1e-3) -> RawCase:
             want = f"{cid}{ed.separator}{mod}.nii[.gz]"
             raise MissingFileError(cid, str(files.folder), f"missing modality {mod!r} (expected {want})")
     channels, ref = [], None
-    for path in files.images:
-        assert path is not None  # narrowed above, for the type checker
+    for path in (p for p in files.images if p is not None):  # all present, checked above
         data, img = _load(cid, path)
         if ref is None:
             ref = img
@@ -254,7 +263,8 @@ def read_case(files: CaseFiles, *, affine_tol: float = 1e-3) -> RawCase:
         if not np.all(np.isfinite(arr)):
             raise CaseError(cid, str(path), "image holds NaN or infinite values")
         channels.append(arr)
-    assert ref is not None
+    if ref is None:
+        raise MissingFileError(cid, str(files.folder), "no modality files")
     seg = None
     if files.seg is not None:
         data, img = _load(cid, files.seg)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from train.augment import gaussian_noise, intensity, spatial
-from train.dataset import PatchDataset
+from train.augment import augment_batch, flips, gaussian_noise, intensity, spatial
 
 
 def _volume(b: int = 2, n: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,24 +41,31 @@ def test_intensity_and_noise_leave_the_label_and_background() -> None:
     assert noisy.shape == image.shape and not torch.equal(noisy, image)
 
 
-def test_loader_flips_keep_alignment(tiny_cache) -> None:
-    cache_dir, case_ids = tiny_cache
-    from pipeline.cache import open_case
-
-    spec_args = dict(patch_size=(32, 32, 32), p_fg=0.5, seed=4)
-    from train.dataset import PatchSpec
-
-    flipped = PatchDataset(cache_dir, case_ids, PatchSpec(**spec_args, flips=True), 40)
-    for k in range(40):
-        item = flipped[k]
-        case = open_case(cache_dir, item["case_id"])
-        image, label = case.read_patch(tuple(item["start"].tolist()), (32, 32, 32))
-        got_i, got_l = item["image"].numpy(), item["label"].numpy()
-        matched = False
+def test_flips_keep_label_a_function_of_the_image() -> None:
+    image, label = _volume(b=6)
+    out, lab = flips(image, label, torch.Generator().manual_seed(5))
+    assert torch.equal(out[:, 0], lab.float() * 10 + 5)
+    assert not torch.equal(lab, label)  # some sample was flipped
+    seen = set()
+    for i in range(6):  # each sample is one of the 8 mirror images of its input
         for axes in [(), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]:
-            fi = np.flip(image, [a + 1 for a in axes]) if axes else image
-            fl = np.flip(label, list(axes)) if axes else label
-            if np.array_equal(fi, got_i):
-                assert np.array_equal(fl, got_l), f"label flipped differently from image at item {k}"
-                matched = True
-        assert matched
+            if torch.equal(out[i], torch.flip(image[i], [a + 1 for a in axes])):
+                assert torch.equal(lab[i], torch.flip(label[i], list(axes)))
+                seen.add(axes)
+                break
+        else:
+            raise AssertionError(f"sample {i} is not a mirror image of its input")
+    assert len(seen) > 1
+
+
+def test_full_pipeline_keeps_alignment() -> None:
+    image, label = _volume(b=4)
+    out, lab = augment_batch(image, label, torch.Generator().manual_seed(6), basic=True, spatial_aug=False)
+    # intensity and noise change values but never which voxels belong to which class:
+    # undo the flips by matching the clean channel-0 pattern of each sample
+    for i in range(4):
+        matches = [axes for axes in [(), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]
+                   if torch.equal(lab[i], torch.flip(label[i], list(axes)))]
+        assert matches
+        ref = torch.flip(image[i, 0], list(matches[0]))
+        assert torch.allclose(out[i, 0], ref, atol=3.0)  # scale 1±0.1 on values <= 35 plus small noise

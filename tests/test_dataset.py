@@ -28,7 +28,7 @@ def test_items_have_the_documented_shapes(tiny_cache) -> None:
 
 def test_large_patch_is_padded(tiny_cache) -> None:
     cache_dir, ids = tiny_cache
-    item = PatchDataset(cache_dir, ids, PatchSpec((64, 64, 64), p_fg=0.0, flips=False), 4)[0]
+    item = PatchDataset(cache_dir, ids, PatchSpec((64, 64, 64), p_fg=0.0), 4)[0]
     assert item["image"].shape == (4, 64, 64, 64)
     assert torch.all(item["image"][:, -4:, :, :] == 0)  # TINY volumes are under 64 voxels: padding
 
@@ -41,6 +41,9 @@ def test_same_seed_same_patches_whatever_the_loader(tiny_cache, kind: str, worke
     assert _starts(make_batches(kind, ds, 0, 6, 2, workers)) == reference
     # resuming at step 3 continues with the same patches
     assert _starts(make_batches(kind, ds, 3, 3, 2, workers)) == reference[3:]
+    # the thread loader decodes into the batch tensor: same bytes as the plain dataset items
+    for batch, k in zip(make_batches(kind, ds, 1, 2, 2, workers), (2, 4)):
+        assert torch.equal(batch["image"][1], ds[k + 1]["image"]) and torch.equal(batch["label"][0], ds[k]["label"])
     other = PatchDataset(cache_dir, ids, PatchSpec(PATCH, seed=10), 24)
     assert _starts(make_batches(kind, other, 0, 6, 2, workers)) != reference
 
@@ -61,7 +64,7 @@ def test_dataloader_options(tiny_cache, context: str) -> None:
 
 def test_foreground_share_matches_p_fg(tiny_cache) -> None:
     cache_dir, ids = tiny_cache
-    ds = PatchDataset(cache_dir, ids, PatchSpec((16, 16, 16), p_fg=0.33, flips=False), 1500)
+    ds = PatchDataset(cache_dir, ids, PatchSpec((16, 16, 16), p_fg=0.33), 1500)
     fg = np.array([ds[k]["fg_class"] for k in range(1500)])
     assert abs((fg > 0).mean() - 0.33) < 0.04
     for k in np.flatnonzero(fg > 0)[:50]:  # a centred patch contains its class

@@ -1,4 +1,4 @@
-"""Batched augmentation on the training device (flips happen in the loader, see train/dataset.py).
+"""Batched augmentation on the training device: the CPU loader only reads chunks.
 
 Every function takes an explicit ``torch.Generator`` (on CPU, so that a run
 is reproducible on any device) and returns new tensors.
@@ -14,6 +14,22 @@ import torch.nn.functional as F
 
 def _uniform(n: tuple[int, ...], low: float, high: float, gen: torch.Generator) -> torch.Tensor:
     return low + (high - low) * torch.rand(n, generator=gen)
+
+
+def flips(image: torch.Tensor, label: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mirror each sample along each spatial axis with probability 1/2, image and label together.
+
+    Args:
+        image: (B, C, X, Y, Z).
+        label: (B, X, Y, Z).
+    """
+    draws = torch.rand(image.shape[0], 3, generator=gen) < 0.5
+    images, labels = [], []
+    for i, axes in enumerate(draws.tolist()):
+        dims = [a for a in range(3) if axes[a]]
+        images.append(torch.flip(image[i], [d + 1 for d in dims]) if dims else image[i])
+        labels.append(torch.flip(label[i], dims) if dims else label[i])
+    return torch.stack(images), torch.stack(labels)
 
 
 def intensity(image: torch.Tensor, gen: torch.Generator, scale: float = 0.1, shift: float = 0.1) -> torch.Tensor:
@@ -77,11 +93,14 @@ def spatial(
 
 
 def augment_batch(
-    image: torch.Tensor, label: torch.Tensor, gen: torch.Generator, *, intensity_noise: bool, spatial_aug: bool
+    image: torch.Tensor, label: torch.Tensor, gen: torch.Generator, *, basic: bool, spatial_aug: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The device-side augmentation pipeline: spatial (optional), then intensity and noise."""
+    """The device-side augmentation pipeline: flips (``basic``), spatial (optional), intensity and noise
+    (``basic``)."""
+    if basic:
+        image, label = flips(image, label, gen)
     if spatial_aug:
         image, label = spatial(image, label, gen)
-    if intensity_noise:
+    if basic:
         image = gaussian_noise(intensity(image, gen), gen)
     return image, label

@@ -23,18 +23,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pipeline.cache import CachedCase, open_case
+from pipeline.cache import CachedCase, open_cache, open_case
 from pipeline.errors import ConfigError
 from pipeline.sampling import choose_patch_start
 
 
 @dataclass(frozen=True)
 class PatchSpec:
-    """What a patch is: size, tumour share, flips, seed."""
+    """What a patch is: size, share of tumour-centred patches, seed."""
 
     patch_size: tuple[int, int, int]
     p_fg: float = 0.33
-    flips: bool = True
     seed: int = 0
 
 
@@ -42,7 +41,9 @@ class PatchDataset(Dataset[dict[str, Any]]):
     """Map-style dataset: index ``k`` -> the ``k``-th random patch of the run.
 
     Stores paths only; every process or thread opens cases lazily on first use
-    and reads only the chunks a patch touches.
+    and reads only the chunks a patch touches. The loader is a pure chunk
+    reader: flips and every other augmentation run batched on the training
+    device (train/augment.py), so no patch is copied on the CPU.
 
     Returns per item a dict: ``image`` (4, px, py, pz) float16 tensor,
     ``label`` (px, py, pz) uint8 tensor, ``case_id``, ``start``, ``fg_class``
@@ -55,6 +56,7 @@ class PatchDataset(Dataset[dict[str, Any]]):
         self.cache_dir = str(cache_dir)
         self.case_ids = list(case_ids)
         self.spec = spec
+        self.image_dtype = np.dtype(open_cache(cache_dir).config.dtype)
         self.length = length
         self._cases: dict[str, CachedCase] = {}
         self._warned: set[str] = set()
@@ -70,7 +72,8 @@ class PatchDataset(Dataset[dict[str, Any]]):
                 raise ConfigError(f"{case_id}: has no label map and cannot be used for training")
         return case
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def locate(self, index: int) -> tuple[CachedCase, tuple[int, int, int], int]:
+        """The case, patch corner and centring class of sample ``index``."""
         rng = np.random.default_rng([self.spec.seed, int(index)])
         case = self._case(self.case_ids[int(rng.integers(len(self.case_ids)))])
         indices = case.indices()
@@ -78,13 +81,24 @@ class PatchDataset(Dataset[dict[str, Any]]):
             self._warned.add(case.case_id)
             warnings.warn(f"{case.case_id}: no tumour voxels; its patches are drawn uniformly", stacklevel=2)
         start, cls = choose_patch_start(case.shape, self.spec.patch_size, indices, self.spec.p_fg, rng)
+        return case, start, cls
+
+    def load_into(self, index: int, image: np.ndarray, label: np.ndarray) -> dict[str, Any]:
+        """Read sample ``index`` into preallocated arrays; returns its metadata.
+
+        Args:
+            image: (4, px, py, pz) array of the cache's image dtype, overwritten.
+            label: (px, py, pz) uint8 array, overwritten.
+        """
+        case, start, cls = self.locate(index)
+        case.read_patch(start, self.spec.patch_size, out=(image, label))
+        return {"case_id": case.case_id, "start": torch.tensor(start), "fg_class": cls}
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        case, start, cls = self.locate(index)
         image, label = case.read_patch(start, self.spec.patch_size)
-        assert label is not None  # checked in _case
-        if self.spec.flips:
-            axes = [a for a in range(3) if rng.random() < 0.5]
-            if axes:
-                image = np.ascontiguousarray(np.flip(image, axis=[a + 1 for a in axes]))
-                label = np.ascontiguousarray(np.flip(label, axis=axes))
+        if label is None:  # excluded by _case; keeps the type checker informed
+            raise ConfigError(f"{case.case_id}: has no label map")
         return {
             "image": torch.from_numpy(image),
             "label": torch.from_numpy(label),
@@ -124,26 +138,39 @@ def thread_batches(
     """Batches for steps ``first_step .. first_step + steps - 1`` from a thread pool.
 
     Chunk reads and Blosc decoding release the GIL, so threads decode in
-    parallel without copying patches between processes (the costly part on
-    a small machine, see docs/benchmarks.md). Up to ``2 * workers`` samples
+    parallel without copying patches between processes (the costly part on a
+    small machine, see docs/benchmarks.md); each patch is decoded straight
+    into its slot of the batch tensor (pinned when asked). Up to two batches
     are read ahead.
     """
-    total = steps * batch_size
-    first = first_step * batch_size
-    depth = max(2 * max(workers, 1), batch_size)
-    with ThreadPoolExecutor(max_workers=max(workers, 1), thread_name_prefix="patch") as pool:
-        pending: list[Future[dict[str, Any]]] = []
-        nxt = 0
+    pool = ThreadPoolExecutor(max_workers=max(workers, 1), thread_name_prefix="patch")
+    try:
+        ahead = [_submit(pool, dataset, first_step + s, batch_size, pin_memory) for s in range(min(2, steps))]
         for step in range(steps):
-            while nxt < total and len(pending) < depth + batch_size:
-                pending.append(pool.submit(dataset.__getitem__, first + nxt))
-                nxt += 1
-            items = [f.result() for f in pending[:batch_size]]
-            del pending[:batch_size]
-            batch = collate(items)
-            if pin_memory:
-                batch["image"], batch["label"] = batch["image"].pin_memory(), batch["label"].pin_memory()
+            batch, futures = ahead.pop(0)
+            if step + 2 < steps:
+                ahead.append(_submit(pool, dataset, first_step + step + 2, batch_size, pin_memory))
+            meta = [f.result() for f in futures]
+            batch["case_id"] = [m["case_id"] for m in meta]
+            batch["start"] = torch.stack([m["start"] for m in meta])
+            batch["fg_class"] = torch.tensor([m["fg_class"] for m in meta])
             yield batch
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _submit(pool: ThreadPoolExecutor, dataset: PatchDataset, step: int, batch_size: int,
+            pin_memory: bool) -> tuple[dict[str, Any], list[Future[dict[str, Any]]]]:
+    """Allocate one batch and queue the reads of its samples."""
+    size = dataset.spec.patch_size
+    dtype = torch.float16 if dataset.image_dtype == np.float16 else torch.float32
+    image = torch.empty((batch_size, 4, *size), dtype=dtype, pin_memory=pin_memory)
+    label = torch.empty((batch_size, *size), dtype=torch.uint8, pin_memory=pin_memory)
+    futures = [
+        pool.submit(dataset.load_into, step * batch_size + j, image[j].numpy(), label[j].numpy())
+        for j in range(batch_size)
+    ]
+    return {"image": image, "label": label}, futures
 
 
 def process_batches(

@@ -88,7 +88,7 @@ def train_step(parts: Parts, step_model: nn.Module, batch: dict[str, Any], gen: 
     image = batch["image"].to(parts.device, non_blocking=True).float()
     label = batch["label"].to(parts.device, non_blocking=True).long()
     image, label = augment_batch(
-        image, label, gen, intensity_noise=parts.cfg.augment, spatial_aug=parts.cfg.spatial_augment
+        image, label, gen, basic=parts.cfg.augment, spatial_aug=parts.cfg.spatial_augment
     )
     if parts.cfg.channels_last:
         image = image.contiguous(memory_format=torch.channels_last_3d)
@@ -184,7 +184,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dic
         step, epoch, best, history = _restore(parts, load_checkpoint(run_dir / "last.pt"))
     _write_run_files(parts, run_dir)
     step_model = torch.compile(parts.model) if cfg.compile else parts.model
-    spec = PatchSpec(cfg.patch_size, cfg.p_fg, flips=cfg.augment, seed=cfg.seed)
+    spec = PatchSpec(cfg.patch_size, cfg.p_fg, seed=cfg.seed)
     dataset = PatchDataset(parts.cache_dir, parts.split["train"], spec, cfg.total_steps * cfg.batch_size)
     writer = SummaryWriter(str(run_dir / "tb"), purge_step=step or None)
     last: dict[str, Any] = {}

@@ -344,19 +344,26 @@ class CachedCase:
         return self._indices
 
     def read_patch(
-        self, start: tuple[int, int, int], size: tuple[int, int, int]
+        self,
+        start: tuple[int, int, int],
+        size: tuple[int, int, int],
+        out: tuple[np.ndarray, np.ndarray | None] | None = None,
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Read a box that may extend past the volume; outside is padded with 0.
 
         Args:
             start: corner (x, y, z) in the cropped grid; may be negative.
             size: (px, py, pz).
+            out: optional (image, label) arrays to decode into (e.g. slots of
+                a batch tensor), of the stored dtypes and the shapes below.
 
         Returns:
             ((4, px, py, pz) image in the stored dtype, (px, py, pz) uint8 label or None).
         """
-        image = _read_box(self._image, start, size)
-        label = _read_box(self._label, start, size) if self._label is not None else None
+        image = _read_box(self._image, start, size, None if out is None else out[0])
+        label = None
+        if self._label is not None:
+            label = _read_box(self._label, start, size, None if out is None else out[1])
         return image, label
 
     def read_image(self) -> np.ndarray:
@@ -370,10 +377,18 @@ class CachedCase:
         return _read_box(self._label, (0, 0, 0), self.shape)
 
 
-def _read_box(meta: _ArrayMeta, start: tuple[int, ...], size: tuple[int, ...]) -> np.ndarray:
-    """Read ``array[..., start:start+size]`` with zero padding outside the array."""
+def _read_box(
+    meta: _ArrayMeta, start: tuple[int, ...], size: tuple[int, ...], out: np.ndarray | None = None
+) -> np.ndarray:
+    """Read ``array[..., start:start+size]`` with zero padding outside the array (into ``out`` if given)."""
     lead, spatial = meta.shape[:-3], meta.shape[-3:]
-    out = np.zeros((*lead, *size), dtype=meta.dtype)
+    shape = (*lead, *(int(n) for n in size))
+    if out is None:
+        out = np.zeros(shape, dtype=meta.dtype)
+    else:
+        if out.shape != shape or out.dtype != meta.dtype:
+            raise ValueError(f"out has shape {out.shape} {out.dtype}, expected {shape} {meta.dtype}")
+        out.fill(0)
     lo = [max(int(s), 0) for s in start]
     hi = [min(int(s) + int(n), dim) for s, n, dim in zip(start, size, spatial)]
     if any(a >= b for a, b in zip(lo, hi)):

@@ -1,0 +1,332 @@
+"""``python -m train.evaluate``: BraTS metrics of predicted label maps against ground truth.
+
+Two modes:
+
+* ``--pred PRED --gt GT``: PRED holds ``<case_id>.nii.gz`` in raw BraTS
+  labels; GT is a folder of raw case folders whose label maps are found by
+  :func:`pipeline.nifti.discover_cases`. Both are mapped to classes 0..3 with
+  the GT case's edition map.
+* ``--run RUN``: predict the run's validation cases (``split["val"]`` of its
+  checkpoint) from its cache into ``RUN/predictions/val/``, compare them with
+  the cached labels put back into the original grid, write the reports into
+  ``RUN/evaluation/`` and log the means to TensorBoard (``RUN/tb``).
+
+Reports: ``metrics.csv`` (one row per GT case; a failed case has an ``error``
+and no metrics), ``summary.json`` (per metric mean, std, median, p25, p75 and
+n over the evaluated cases, the failures, the run record) and
+``boxplot.png`` (Dice and HD95 per region).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+from pipeline import nifti
+from pipeline import transforms as T
+from pipeline.cache import open_cache, open_case
+from pipeline.errors import CaseError, CheckpointError, PipelineError
+from pipeline.metrics import REGIONS, evaluate_case, summarise
+from pipeline.provenance import run_record
+from train import predict as P
+from train.checkpoint import load_checkpoint
+
+#: (predicted classes, reference classes, spacing in mm), both (X, Y, Z) uint8.
+Pair = tuple[np.ndarray, np.ndarray, tuple[float, float, float]]
+Loader = tuple[str, Callable[[], Pair]]
+TABLE_METRICS = ("Dice", "HD95", "Sensitivity", "Specificity")
+
+
+def to_classes(case_id: str, path: Path, data: np.ndarray, label_map: dict[int, int]) -> np.ndarray:
+    """Raw BraTS labels -> contiguous classes, checked against the edition's label set.
+
+    Args:
+        case_id: case, for the error message.
+        path: file the labels came from, for the error message.
+        data: (X, Y, Z) integer or integral float raw labels.
+        label_map: raw label -> class of the case's edition.
+
+    Returns:
+        (X, Y, Z) uint8 classes 0..3.
+
+    Raises:
+        CaseError: a dtype or a value outside ``label_map`` (named in the message).
+    """
+    if not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)):
+        raise CaseError(case_id, str(path), f"label map has unsupported dtype {data.dtype}")
+    values = np.unique(data)
+    bad = [v for v in values.tolist() if v not in label_map]
+    if bad:
+        raise CaseError(case_id, str(path), f"labels {bad[:8]} outside the edition's set {sorted(label_map)}")
+    return T.map_labels(data, label_map)
+
+
+def _read(case_id: str, path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """(X, Y, Z) array, (4, 4) affine and voxel spacing of a label file."""
+    return nifti.load_volume(case_id, path)
+
+
+def _check_grid(case_id: str, path: Path, pred: np.ndarray, affine: np.ndarray, gt_shape: tuple[int, ...],
+                gt_affine: np.ndarray) -> None:
+    """CaseError unless a prediction lies on the reference grid."""
+    if pred.shape != tuple(gt_shape):
+        raise CaseError(case_id, str(path), f"prediction shape {pred.shape} differs from reference {tuple(gt_shape)}")
+    if not np.allclose(affine, gt_affine, atol=1e-3):
+        raise CaseError(case_id, str(path), f"prediction affine {np.round(affine, 3).tolist()} differs from the reference's")
+
+
+def _folder_pair(files: nifti.CaseFiles, pred_path: Path) -> Pair:
+    """Prediction file and raw GT label map of one case, as classes."""
+    cid, label_map = files.case_id, files.edition.label_map
+    if files.seg is None:
+        raise CaseError(cid, str(files.folder), "no label map")
+    gt, gt_affine, spacing = _read(cid, files.seg)
+    pred, affine, _ = _read(cid, pred_path)
+    _check_grid(cid, pred_path, pred, affine, gt.shape, gt_affine)
+    return to_classes(cid, pred_path, pred, label_map), to_classes(cid, files.seg, gt, label_map), spacing
+
+
+def _cache_pair(cache_dir: Path, case_id: str, pred_path: Path) -> Pair:
+    """Prediction file and a cached case's label uncropped to the original grid, as classes."""
+    case = open_case(cache_dir, case_id)
+    box, shape, gt_affine, label_map = P.cached_geometry(case.attrs)
+    gt = T.uncrop(case.read_label(), box, shape)
+    pred, affine, _ = _read(case_id, pred_path)
+    _check_grid(case_id, pred_path, pred, affine, gt.shape, gt_affine)
+    sx, sy, sz = (float(v) for v in case.attrs["spacing"])
+    return to_classes(case_id, pred_path, pred, label_map), gt, (sx, sy, sz)
+
+
+def _prediction_path(pred_dir: Path, case_id: str) -> Path | None:
+    """``<case_id>.nii.gz`` (or ``.nii``) in ``pred_dir``, or None."""
+    for suffix in (".nii.gz", ".nii"):
+        if (pred_dir / f"{case_id}{suffix}").is_file():
+            return pred_dir / f"{case_id}{suffix}"
+    return None
+
+
+def _unmatched(pred_dir: Path, case_ids: set[str]) -> list[str]:
+    """Label files in ``pred_dir`` that belong to no GT case (reported, not scored)."""
+    stems = (p.name.split(".nii")[0] for p in pred_dir.glob("*.nii*"))
+    return sorted(s for s in stems if s not in case_ids and not s.endswith("_probabilities"))
+
+
+def _folder_loaders(pred_dir: Path, gt_dir: Path) -> tuple[list[Loader], dict[str, str]]:
+    """A loader per GT case with a label map; GT cases without a prediction are failures."""
+    loaders: list[Loader] = []
+    failed: dict[str, str] = {}
+    for files in nifti.discover_cases(gt_dir):
+        if files.seg is None:
+            continue  # image-only case: nothing to compare against
+        path = _prediction_path(pred_dir, files.case_id)
+        if path is None:
+            failed[files.case_id] = f"{files.case_id} [{pred_dir}]: no prediction {files.case_id}.nii.gz"
+        else:
+            loaders.append((files.case_id, partial(_folder_pair, files, path)))
+    if not loaders and not failed:
+        raise FileNotFoundError(f"no case with a label map under {gt_dir}")
+    return loaders, failed
+
+
+def evaluate_loaders(loaders: list[Loader], progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Metrics of every case (``case_id`` first); failures are reported and collected, not raised."""
+    rows: list[dict[str, Any]] = []
+    failed: dict[str, str] = {}
+    for case_id, load in tqdm(loaders, desc="evaluate", unit="case", disable=not progress):
+        try:
+            pred, gt, spacing = load()
+            rows.append({"case_id": case_id, **evaluate_case(pred, gt, spacing)})
+        except (PipelineError, OSError, ValueError, MemoryError) as exc:
+            failed[case_id] = str(exc) if isinstance(exc, CaseError) else f"{case_id}: {type(exc).__name__}: {exc}"
+            tqdm.write(f"FAILED {failed[case_id]}", file=sys.stderr)
+    return rows, failed
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]], failed: dict[str, str]) -> None:
+    """One row per case, sorted by id: metrics, or an ``error`` and empty metrics."""
+    keys = list(dict.fromkeys(k for row in rows for k in row if k != "case_id"))
+    table = [*rows, *({"case_id": cid, "error": msg} for cid, msg in failed.items())]
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["case_id", *keys, "error"], restval="")
+        writer.writeheader()
+        writer.writerows(sorted(table, key=lambda r: str(r["case_id"])))
+
+
+def _write_boxplot(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Two panels: Dice per region and HD95 (mm) per region, one box per region."""
+    fig = Figure(figsize=(9, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    for ax, metric, unit in zip(fig.subplots(1, 2), ("Dice", "HD95"), ("", " (mm)")):
+        data = [[float(r[f"{metric}_{reg}"]) for r in rows] for reg in REGIONS]
+        if rows:
+            ax.boxplot(data, showmeans=True)
+        ax.set_xticks(range(1, len(REGIONS) + 1), list(REGIONS))
+        ax.set_title(f"{metric} per region (n = {len(rows)})")
+        ax.set_ylabel(metric + unit)
+        ax.grid(axis="y", alpha=0.3)
+    fig.savefig(path, dpi=120)
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """Mean ± std per region of Dice, HD95, sensitivity and specificity."""
+    stats = summary["metrics"]
+    lines = [f"{'region':<8}" + "".join(f"{m:^21}" for m in TABLE_METRICS)]
+    for reg in REGIONS:
+        cells = []
+        for m in TABLE_METRICS:
+            s = stats.get(f"{m}_{reg}")
+            cells.append(f"{s['mean']:>11.4f} ± {s['std']:<7.3f}" if s else f"{'-':^21}")
+        lines.append(f"{reg:<8}" + "".join(cells))
+    lines.append(f"cases evaluated {summary['n_cases']}, failed {summary['n_failed']}")
+    return "\n".join(lines)
+
+
+def write_reports(out_dir: Path, rows: list[dict[str, Any]], failed: dict[str, str],
+                  extra: dict[str, Any]) -> dict[str, Any]:
+    """Write ``metrics.csv``, ``summary.json`` and ``boxplot.png``; return the summary."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = summarise([{k: v for k, v in r.items() if k != "case_id"} for r in rows])
+    summary = {
+        "n_cases": len(rows), "n_failed": len(failed), "failed": dict(sorted(failed.items())),
+        "metrics": metrics, **extra, "record": run_record(),
+    }
+    _write_csv(out_dir / "metrics.csv", rows, failed)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    _write_boxplot(out_dir / "boxplot.png", rows)
+    return summary
+
+
+def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, out_dir: str | Path | None = None,
+                     *, progress: bool = True) -> dict[str, Any]:
+    """Evaluate ``PRED/<case_id>.nii.gz`` against the raw GT cases; reports go to ``out_dir`` (default PRED).
+
+    Returns:
+        The summary written to ``summary.json``.
+
+    Raises:
+        FileNotFoundError: ``gt_dir`` or ``pred_dir`` is missing, or GT holds no label map.
+    """
+    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
+    if not pred_dir.is_dir():
+        raise FileNotFoundError(f"prediction folder not found: {pred_dir}")
+    loaders, missing = _folder_loaders(pred_dir, gt_dir)
+    rows, failed = evaluate_loaders(loaders, progress)
+    known = {cid for cid, _ in loaders} | set(missing)
+    extra = {"pred_dir": str(pred_dir), "gt_dir": str(gt_dir), "predictions_without_gt": _unmatched(pred_dir, known)}
+    return write_reports(Path(out_dir or pred_dir), rows, {**missing, **failed}, extra)
+
+
+def _validation_ids(state: dict[str, Any], run_dir: Path) -> list[str]:
+    """``split["val"]`` of a checkpoint, else of ``RUN/split.json``."""
+    split = state.get("split")
+    if not isinstance(split, dict) and (run_dir / "split.json").is_file():
+        split = json.loads((run_dir / "split.json").read_text())
+    ids = split.get("val") if isinstance(split, dict) else None
+    if not isinstance(ids, list) or not ids:
+        raise CheckpointError(f"{state.get('path', run_dir)}: no validation cases in its split ({ids!r})")
+    return [str(i) for i in ids]
+
+
+def _log_tensorboard(tb_dir: Path, summary: dict[str, Any], step: int) -> None:
+    """Log the mean of every region metric as ``eval/<metric>`` at ``step``."""
+    from torch.utils.tensorboard import SummaryWriter  # heavy import, only needed here
+
+    writer = SummaryWriter(log_dir=str(tb_dir))
+    try:
+        for reg in REGIONS:
+            for m in TABLE_METRICS:
+                stats = summary["metrics"].get(f"{m}_{reg}")
+                if stats is not None:
+                    writer.add_scalar(f"eval/{m}_{reg}", stats["mean"], step)
+        writer.add_scalar("eval/n_failed", summary["n_failed"], step)
+    finally:
+        writer.close()
+
+
+def evaluate_run(run_dir: str | Path, cfg: P.PredictConfig | None = None, *, cache_dir: str | Path | None = None,
+                 out_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Predict and evaluate a run's validation cases straight from its cache.
+
+    Args:
+        run_dir: run directory (its best.pt, else last.pt, is used).
+        cfg: inference settings (defaults of :class:`train.predict.PredictConfig`).
+        cache_dir: override ``train_config["cache_dir"]`` (e.g. after moving the cache).
+        out_dir: report folder (default ``RUN/evaluation``).
+        progress: show tqdm bars.
+
+    Returns:
+        The summary written to ``RUN/evaluation/summary.json``.
+    """
+    run_dir, cfg = Path(run_dir), cfg or P.PredictConfig()
+    state = load_checkpoint(run_dir)
+    ids = _validation_ids(state, run_dir)
+    cache = Path(cache_dir or state.get("train_config", {}).get("cache_dir", ""))
+    predictor = P.load_predictor(state, P.resolve_device(cfg.device))
+    pred_dir = run_dir / "predictions" / "val"
+    done = P.predict_cases(predictor, P.cache_sources(cache, ids), pred_dir, cfg, progress)
+    P.write_record(done, predictor, cfg, str(cache))
+    loaders: list[Loader] = [
+        (cid, partial(_cache_pair, open_cache(cache).path, cid, pred_dir / f"{cid}.nii.gz")) for cid in done.written
+    ]
+    rows, failed = evaluate_loaders(loaders, progress)
+    extra = {"checkpoint": predictor.checkpoint, "step": predictor.step, "cache_dir": str(cache),
+             "predictions": str(pred_dir), "settings": cfg.to_dict()}
+    summary = write_reports(Path(out_dir or run_dir / "evaluation"), rows, {**done.failed, **failed}, extra)
+    _log_tensorboard(run_dir / "tb", summary, predictor.step)
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m train.evaluate",
+        description="BraTS metrics (Dice, HD95 in mm, sensitivity, specificity, volumes per region WT/TC/ET) "
+        "of predicted label maps. Either --pred PRED --gt GT (PRED/<case_id>.nii.gz in raw BraTS labels; GT a "
+        "folder of raw case folders with label maps), or --run RUN (predict the run's validation cases from its "
+        "cache and evaluate them). Writes metrics.csv, summary.json and boxplot.png. Exit code 1 if any case "
+        "failed (e.g. a missing prediction), 2 if nothing could be evaluated.",
+    )
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--pred", metavar="PRED", help="folder of <case_id>.nii.gz predictions")
+    mode.add_argument("--run", metavar="RUN", help="run directory: evaluate its validation cases")
+    p.add_argument("--gt", metavar="GT", help="folder of raw case folders with label maps (with --pred)")
+    p.add_argument("--out", metavar="OUT", help="report folder (default: PRED; with --run: RUN/evaluation)")
+    p.add_argument("--cache-dir", metavar="CACHE", help="with --run: override the cache recorded in the run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    P.add_inference_args(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse flags, run one mode, print the table; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.pred and not args.gt:
+        parser.error("--pred needs --gt")
+    try:
+        if args.run:
+            summary = evaluate_run(args.run, P.config_from_args(args), cache_dir=args.cache_dir,
+                                   out_dir=args.out, progress=not args.no_progress)
+        else:
+            summary = evaluate_folders(args.pred, args.gt, args.out, progress=not args.no_progress)
+    except (PipelineError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(summary))
+    for message in summary["failed"].values():
+        print(f"FAILED {message}", file=sys.stderr)
+    return 0 if not summary["failed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

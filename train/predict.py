@@ -1,0 +1,420 @@
+"""``python -m train.predict``: segment BraTS cases with a trained checkpoint.
+
+Per case: read and validate (:mod:`pipeline.nifti`), crop and z-score exactly
+as the cache does (:func:`preprocess.case.preprocess_raw`), Gaussian-weighted
+sliding-window inference over the cropped brain (:mod:`pipeline.inference`),
+classes 0..3, optional small-ET relabelling, uncrop, raw BraTS labels of the
+case's edition (ET = 4 for 2018-2021, 3 for 2023). Outputs in OUT:
+
+* ``<case_id>.nii.gz``: (X, Y, Z) uint8 raw labels with the input's affine and
+  header (cache input: the stored affine), so it overlays the input.
+* ``<case_id>_probabilities.nii.gz`` (``--save-probabilities``): (X, Y, Z, K)
+  float32 on the original grid; K = 3 (WT, TC, ET; sigmoid checkpoints) or 4
+  (background, NCR, ED, ET; softmax). Outside the brain crop every channel is
+  0, except softmax background, which is 1.
+* ``predict_record.json``: checkpoint and step, settings, channel names,
+  written and failed cases, versions and git commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline import transforms as T
+from pipeline.cache import open_cache, open_case
+from pipeline.errors import CaseError, CheckpointError, ConfigError, PipelineError
+from pipeline.inference import probs_to_labels, sliding_window_predict
+from pipeline.nifti import CaseFiles, discover_cases, read_case, save_volume
+from pipeline.provenance import run_record
+from preprocess.case import preprocess_raw
+from train.checkpoint import load_checkpoint, model_from_checkpoint
+
+ET, NCR = 3, 1
+#: Output activation per training loss mode.
+Output = Literal["sigmoid", "softmax"]
+OUTPUT_OF_MODE: dict[str, Output] = {"regions": "sigmoid", "classes": "softmax"}
+CHANNELS = {"sigmoid": ["WT", "TC", "ET"], "softmax": ["background", "NCR", "ED", "ET"]}
+RECORD = "predict_record.json"
+#: (case id, where it comes from, loader); a loader raises on a bad case.
+Source = tuple[str, str, Callable[[], "CaseInput"]]
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Inference settings; CLI flags map 1:1 onto these fields.
+
+    Attributes:
+        overlap: fraction of a window shared with its neighbour, in [0, 1).
+        batch_size: windows per forward pass.
+        mirror: average over all 8 flips of the three spatial axes.
+        device: "auto" (CUDA if available), "cpu", "cuda" or "cuda:N".
+        et_threshold: a case with fewer predicted ET voxels than this gets
+            them relabelled as necrosis (BraTS post-processing); 0 is off.
+        save_probabilities: also write ``<case_id>_probabilities.nii.gz``.
+    """
+
+    overlap: float = 0.5
+    batch_size: int = 2
+    mirror: bool = False
+    device: str = "auto"
+    et_threshold: int = 0
+    save_probabilities: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [
+            (0.0 <= self.overlap < 1.0, "overlap", self.overlap),
+            (self.batch_size >= 1, "batch_size", self.batch_size),
+            (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device", self.device),
+            (self.et_threshold >= 0, "et_threshold", self.et_threshold),
+        ]
+        for ok, name, value in checks:
+            if not ok:
+                raise ConfigError(f"invalid {name}: {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of every field."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Predictor:
+    """A network rebuilt from a checkpoint plus what inference needs to know about it."""
+
+    model: torch.nn.Module
+    output: Output  # "sigmoid" (3 regions) or "softmax" (4 classes)
+    patch_size: tuple[int, int, int]
+    input_dtype: str  # the training cache's image dtype
+    device: torch.device
+    checkpoint: str
+    step: int
+
+
+@dataclass
+class CaseInput:
+    """One case ready for the network.
+
+    Attributes:
+        image: (4, x, y, z) float32, z-scored and cropped to ``box``.
+        box: crop box in the original grid.
+        original_shape: (X, Y, Z) of the input files.
+        affine: (4, 4) voxel-to-world matrix of the input.
+        header: the input's NIfTI header (None for cached input).
+        label_map: raw BraTS label -> class of the case's edition.
+    """
+
+    case_id: str
+    image: np.ndarray
+    box: T.Box
+    original_shape: tuple[int, int, int]
+    affine: np.ndarray
+    header: Any
+    label_map: dict[int, int]
+
+
+@dataclass
+class PredictSummary:
+    """Outcome of a prediction run."""
+
+    out_dir: Path
+    written: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> CUDA if available, else CPU; ConfigError for CUDA without a GPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def load_predictor(state: dict[str, Any], device: torch.device) -> Predictor:
+    """Rebuild the network of a loaded checkpoint (see :func:`train.checkpoint.load_checkpoint`).
+
+    Raises:
+        CheckpointError: unknown loss mode, missing patch size, or a channel
+            count that does not fit the mode.
+    """
+    path = state.get("path", "checkpoint")
+    mode = state.get("loss_config", {}).get("mode")
+    if mode not in OUTPUT_OF_MODE:
+        raise CheckpointError(f"{path}: loss_config mode {mode!r} is not one of {sorted(OUTPUT_OF_MODE)}")
+    output = OUTPUT_OF_MODE[mode]
+    patch = state.get("train_config", {}).get("patch_size")
+    if not isinstance(patch, list) or len(patch) != 3:
+        raise CheckpointError(f"{path}: train_config patch_size {patch!r} is not three ints")
+    model = model_from_checkpoint(state, device)
+    k = int(state["model_config"].get("out_channels", 0))
+    if k != len(CHANNELS[output]):
+        raise CheckpointError(f"{path}: mode {mode!r} needs {len(CHANNELS[output])} outputs, model has {k}")
+    dtype = str(state.get("preprocess_config", {}).get("dtype", "float16"))
+    p = (int(patch[0]), int(patch[1]), int(patch[2]))
+    return Predictor(model, output, p, dtype, device, str(path), int(state.get("step", 0)))
+
+
+def load_raw_input(files: CaseFiles, input_dtype: str = "float16") -> CaseInput:
+    """Read, validate and preprocess one raw case exactly as the cache stage does.
+
+    Raises:
+        CaseError: the case cannot be used; the message names case and file.
+    """
+    raw = read_case(files)
+    image, _, box, _, _ = preprocess_raw(raw)
+    # The cache stores images as ``input_dtype`` (float16 by default) and the
+    # network was trained on those rounded values: round the same way here.
+    image = image.astype(input_dtype).astype(np.float32)
+    shape = raw.images.shape[1:]
+    return CaseInput(
+        files.case_id, image, box, (shape[0], shape[1], shape[2]), raw.affine, raw.header,
+        dict(files.edition.label_map),
+    )
+
+
+def cached_geometry(attrs: dict[str, Any]) -> tuple[T.Box, tuple[int, int, int], np.ndarray, dict[int, int]]:
+    """Crop box, original (X, Y, Z), (4, 4) affine and raw -> class label map of a cached case."""
+    (x0, x1), (y0, y1), (z0, z1) = ((int(lo), int(hi)) for lo, hi in attrs["bbox"])
+    sx, sy, sz = (int(s) for s in attrs["original_shape"])
+    label_map = {int(raw): int(cls) for raw, cls in attrs["label_map"].items()}
+    return ((x0, x1), (y0, y1), (z0, z1)), (sx, sy, sz), np.asarray(attrs["affine"], dtype=np.float64), label_map
+
+
+def load_cached_input(cache_dir: str | Path, case_id: str) -> CaseInput:
+    """One case from a cache: its stored image, crop box, grid, affine and label map."""
+    case = open_case(cache_dir, case_id)
+    box, shape, affine, label_map = cached_geometry(case.attrs)
+    return CaseInput(case_id, case.read_image().astype(np.float32), box, shape, affine, None, label_map)
+
+
+def _missing(case_id: str, where: str) -> CaseInput:
+    raise CaseError(case_id, where, "case not found in the input")
+
+
+def _select(found: dict[str, Source], case_ids: Sequence[str] | None, where: str) -> list[Source]:
+    """Sources of ``case_ids`` (default: all, sorted); an unknown id fails when loaded."""
+    ids = list(case_ids) if case_ids else sorted(found)
+    return [found[c] if c in found else (c, where, partial(_missing, c, where)) for c in ids]
+
+
+def raw_sources(input_dir: str | Path, case_ids: Sequence[str] | None, input_dtype: str) -> list[Source]:
+    """Loaders for the raw cases under ``input_dir`` (all, or those in ``case_ids``)."""
+    found = {f.case_id: (f.case_id, str(f.folder), partial(load_raw_input, f, input_dtype))
+             for f in discover_cases(input_dir)}
+    return _select(found, case_ids, str(input_dir))
+
+
+def cache_sources(cache_dir: str | Path, case_ids: Sequence[str] | None) -> list[Source]:
+    """Loaders for the complete cases of a cache (all, or those in ``case_ids``)."""
+    info = open_cache(cache_dir)
+    found = {c: (c, str(info.path), partial(load_cached_input, info.path, c)) for c in info.case_ids}
+    return _select(found, case_ids, str(info.path))
+
+
+def predict_probabilities(predictor: Predictor, image: np.ndarray, cfg: PredictConfig) -> torch.Tensor:
+    """(K, x, y, z) float32 CPU probabilities of a (4, x, y, z) float32 image."""
+    cuda = predictor.device.type == "cuda"
+    return sliding_window_predict(
+        predictor.model, torch.from_numpy(image), patch_size=predictor.patch_size, overlap=cfg.overlap,
+        batch_size=cfg.batch_size, mirror_axes=(0, 1, 2) if cfg.mirror else (), device=predictor.device,
+        autocast_dtype=torch.bfloat16 if cuda else None, output=predictor.output,
+    )
+
+
+def postprocess_et(label: np.ndarray, threshold: int) -> np.ndarray:
+    """Relabel every ET voxel as necrosis when there are fewer than ``threshold`` (0: off).
+
+    BraTS scores an empty ET prediction on an ET-free case as perfect, so a
+    few false-positive ET voxels cost a whole case (as in nnU-Net's BraTS entry).
+
+    Args:
+        label: (X, Y, Z) uint8 classes 0..3; not modified.
+        threshold: minimum ET voxel count to keep ET.
+
+    Returns:
+        (X, Y, Z) uint8 classes.
+    """
+    et = label == ET
+    n = int(np.count_nonzero(et))
+    if threshold <= 0 or n == 0 or n >= threshold:
+        return label
+    out = label.copy()
+    out[et] = NCR
+    return out
+
+
+def to_raw_labels(label: np.ndarray, case: CaseInput) -> np.ndarray:
+    """Cropped classes (x, y, z) -> (X, Y, Z) uint8 raw BraTS labels in the original grid."""
+    return T.unmap_labels(T.uncrop(label.astype(np.uint8), case.box, case.original_shape), case.label_map)
+
+
+def write_label(out_dir: Path, case: CaseInput, label: np.ndarray) -> Path:
+    """Write cropped classes as ``<out_dir>/<case_id>.nii.gz`` raw labels that overlay the input."""
+    path = out_dir / f"{case.case_id}.nii.gz"
+    save_volume(path, to_raw_labels(label, case), case.affine, case.header)
+    return path
+
+
+def write_probabilities(out_dir: Path, case: CaseInput, probs: torch.Tensor, output: str) -> Path:
+    """Write (K, x, y, z) probabilities as (X, Y, Z, K) float32 in the original grid."""
+    arr = probs.numpy().astype(np.float32)
+    full = T.uncrop(arr, case.box, case.original_shape, fill=0.0)
+    if output == "softmax":  # outside the brain is certainly background
+        full[0] = T.uncrop(arr[0], case.box, case.original_shape, fill=1.0)
+    path = out_dir / f"{case.case_id}_probabilities.nii.gz"
+    save_volume(path, np.ascontiguousarray(np.moveaxis(full, 0, -1)), case.affine, case.header)
+    return path
+
+
+def predict_case(predictor: Predictor, case: CaseInput, out_dir: Path, cfg: PredictConfig) -> Path:
+    """Segment one case and write its label file (and probabilities if asked)."""
+    probs = predict_probabilities(predictor, case.image, cfg)
+    label = probs_to_labels(probs, predictor.output).numpy()
+    path = write_label(out_dir, case, postprocess_et(label, cfg.et_threshold))
+    if cfg.save_probabilities:
+        write_probabilities(out_dir, case, probs, predictor.output)
+    return path
+
+
+def _describe(case_id: str, where: str, exc: BaseException) -> str:
+    """One line naming case and file; CaseError messages already do."""
+    if isinstance(exc, CaseError):
+        return str(exc)
+    return f"{case_id} [{where}]: {type(exc).__name__}: {exc}"
+
+
+def predict_cases(
+    predictor: Predictor, sources: list[Source], out_dir: str | Path, cfg: PredictConfig, progress: bool = True
+) -> PredictSummary:
+    """Predict every source; a failing case is reported on stderr and the others still run."""
+    t0 = time.perf_counter()
+    summary = PredictSummary(Path(out_dir))
+    summary.out_dir.mkdir(parents=True, exist_ok=True)
+    for case_id, where, load in tqdm(sources, desc="predict", unit="case", disable=not progress):
+        try:
+            predict_case(predictor, load(), summary.out_dir, cfg)
+        except (PipelineError, OSError, ValueError, RuntimeError, MemoryError) as exc:
+            summary.failed[case_id] = _describe(case_id, where, exc)
+            tqdm.write(f"FAILED {summary.failed[case_id]}", file=sys.stderr)
+        else:
+            summary.written.append(case_id)
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def write_record(summary: PredictSummary, predictor: Predictor, cfg: PredictConfig, source: str) -> Path:
+    """Write ``predict_record.json`` beside the predictions."""
+    n = len(summary.written) + len(summary.failed)
+    body = {
+        "checkpoint": predictor.checkpoint, "step": predictor.step, "source": source,
+        "output": predictor.output, "probability_channels": CHANNELS[predictor.output],
+        "patch_size": list(predictor.patch_size), "device": str(predictor.device),
+        "settings": cfg.to_dict(), "written": summary.written, "failed": summary.failed,
+        "seconds": round(summary.seconds, 3), "seconds_per_case": round(summary.seconds / max(n, 1), 3),
+        "record": run_record(),
+    }
+    path = summary.out_dir / RECORD
+    path.write_text(json.dumps(body, indent=2))
+    return path
+
+
+def run_predict(
+    run: str | Path, out_dir: str | Path, cfg: PredictConfig, *, input_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None, case_ids: Sequence[str] | None = None, progress: bool = True,
+) -> PredictSummary:
+    """Load a checkpoint (or a run directory's best) and predict raw or cached cases into ``out_dir``.
+
+    Raises:
+        ConfigError: neither or both of ``input_dir`` and ``cache_dir``.
+        CheckpointError, CacheFormatError, FileNotFoundError: unusable inputs.
+    """
+    if (input_dir is None) == (cache_dir is None):
+        raise ConfigError(f"give exactly one of input_dir ({input_dir}) and cache_dir ({cache_dir})")
+    predictor = load_predictor(load_checkpoint(run), resolve_device(cfg.device))
+    if input_dir is not None:
+        sources, where = raw_sources(input_dir, case_ids, predictor.input_dtype), str(input_dir)
+    else:
+        sources, where = cache_sources(str(cache_dir), case_ids), str(cache_dir)
+    summary = predict_cases(predictor, sources, out_dir, cfg, progress)
+    write_record(summary, predictor, cfg, where)
+    return summary
+
+
+def add_inference_args(p: argparse.ArgumentParser) -> None:
+    """Flags of :class:`PredictConfig` (shared with ``python -m train.evaluate --run``)."""
+    d = PredictConfig()
+    g = p.add_argument_group("inference")
+    g.add_argument("--overlap", type=float, default=d.overlap, help="window overlap in [0, 1) (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per forward pass (default: %(default)s)")
+    g.add_argument("--mirror", action="store_true", help="test-time mirroring over X, Y, Z (8x slower)")
+    g.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N; bf16 autocast on CUDA (default: %(default)s)")
+    g.add_argument("--et-threshold", type=int, default=d.et_threshold, metavar="N",
+                   help="relabel predicted ET as necrosis when fewer than N voxels (0: off)")
+
+
+def config_from_args(args: argparse.Namespace) -> PredictConfig:
+    """Build the PredictConfig from parsed flags."""
+    return PredictConfig(
+        overlap=args.overlap, batch_size=args.batch_size, mirror=args.mirror, device=args.device,
+        et_threshold=args.et_threshold, save_probabilities=getattr(args, "save_probabilities", False),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m train.predict",
+        description="Segment BraTS cases (raw case folders of any supported edition and layout, with or "
+        "without a label map, or cases of a cache) with a trained checkpoint. Writes OUT/<case_id>.nii.gz: "
+        "uint8 raw BraTS labels (ET = 4 for 2018-2021 cases, 3 for 2023) on the input's grid, affine and "
+        "header, plus OUT/predict_record.json. Exit code 1 if any case failed, 2 if nothing could start.",
+    )
+    p.add_argument("--run", required=True, metavar="RUN_OR_CHECKPOINT",
+                   help="run directory (its best.pt, else last.pt) or a checkpoint file")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", metavar="IN", help="folder of raw case folders (searched recursively)")
+    src.add_argument("--cache-dir", metavar="CACHE", help="a preprocessed cache instead of raw input")
+    p.add_argument("--cases", nargs="+", metavar="ID", help="only these case ids (default: all)")
+    p.add_argument("--output", required=True, metavar="OUT", help="output folder (created)")
+    p.add_argument("--save-probabilities", action="store_true",
+                   help="also write <case_id>_probabilities.nii.gz, (X, Y, Z, K) float32")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_inference_args(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse flags, call :func:`run_predict`, print the outcome; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        summary = run_predict(
+            args.run, args.output, config_from_args(args), input_dir=args.input, cache_dir=args.cache_dir,
+            case_ids=args.cases, progress=not args.no_progress,
+        )
+    except (PipelineError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(summary.written)} predictions to {summary.out_dir} in {summary.seconds:.1f} s; "
+          f"failed {len(summary.failed)}")
+    for message in summary.failed.values():
+        print(f"FAILED {message}", file=sys.stderr)
+    return 0 if summary.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
