@@ -54,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     except (PipelineError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: complete cases are kept, partial ones were discarded; "
+              "run the same command again to finish", file=sys.stderr)
+        return 130
     print(summary.report())
     return 0 if summary.ok else 1
 

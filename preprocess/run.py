@@ -106,13 +106,16 @@ def run_preprocess(
     results = Parallel(n_jobs=jobs, return_as="generator_unordered")(
         delayed(_process)(f, cache_dir, cfg) for f in todo
     )
-    for case_id, error in tqdm(results, total=len(todo), desc="preprocess", unit="case", disable=not progress):
-        if error is None:
-            summary.written.append(case_id)
-        else:
-            summary.failed[case_id] = error
-            tqdm.write(f"FAILED {error}", file=sys.stderr)
-    _finish(summary, raw_dir, name or raw_dir.resolve().name, cfg, t0)
+    try:
+        for case_id, error in tqdm(results, total=len(todo), desc="preprocess", unit="case", disable=not progress):
+            if error is None:
+                summary.written.append(case_id)
+            else:
+                summary.failed[case_id] = error
+                tqdm.write(f"FAILED {error}", file=sys.stderr)
+    finally:
+        # also on Ctrl-C: the manifest lists exactly the cases that are complete on disk
+        _finish(summary, raw_dir, name or raw_dir.resolve().name, cfg, t0)
     return summary
 
 

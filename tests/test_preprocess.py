@@ -228,3 +228,25 @@ def test_cache_cli_info_and_verify(raw_dir: Path, tmp_path: Path) -> None:
         assert run(cmd, "--help").returncode == 0
     assert subprocess.run([sys.executable, "-m", "preprocess", "--help"], cwd=REPO,
                           capture_output=True, timeout=60).returncode == 0
+
+
+def test_ctrl_c_keeps_complete_cases_and_says_so(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    generate_dataset(raw, 3, seed=6, shape=(112, 112, 80))
+    cache_root = tmp_path / "c"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "preprocess", str(raw), "--cache-dir", str(cache_root), "--jobs", "1",
+         "--no-progress", "--codec", "zstd", "--clevel", "9"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(cache_root.glob("*/.*.zarr.tmp-*/image")):
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err
+    (cache_dir,) = cache_root.iterdir()
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    assert manifest["cases"] == complete_cases(cache_dir) and len(manifest["cases"]) < 3
+    visible = sorted(p.name for p in cache_dir.glob("*.zarr") if not p.name.startswith("."))
+    assert visible == [f"{c}.zarr" for c in manifest["cases"]]
