@@ -50,7 +50,8 @@ synthetic:  ## write DEMO_CASES synthetic BraTS2020-style cases into RAW, and DE
 		--seed $(DEMO_SEED) --start 101
 
 preprocess:  ## RAW case folders -> Zarr cache under CACHE (skips up-to-date cases)
-	@if [ "$(RAW)" = "data/synthetic" ] && [ ! -d "$(RAW)" ]; then $(MAKE) --no-print-directory synthetic; fi
+	@if [ "$(RAW)" = "data/synthetic" ] && { [ ! -d "$(RAW)" ] || [ ! -d "$(DEMO_VAL)" ]; }; then \
+		$(MAKE) --no-print-directory synthetic; fi
 	$(PYTHON) -m preprocess $(RAW) --cache-dir $(CACHE) --jobs $(JOBS) $(PREPROCESS_ARGS)
 
 cache-info:  ## cases, shapes, label counts and size of the cache under CACHE
@@ -72,7 +73,7 @@ evaluate:  ## Dice, HD95, sensitivity, specificity, volumes of PRED against the 
 evaluate-run:  ## predict and evaluate RUN's validation cases straight from the cache
 	$(PYTHON) -m train.evaluate --run $(RUN)
 
-demo: setup  ## fresh machine -> the whole job on synthetic data (about 10 minutes on 2 CPU cores)
+demo: setup  ## fresh machine -> the whole job on synthetic data (about 6 minutes on 2 CPU cores)
 	$(MAKE) --no-print-directory preprocess PYTHON=$(VENV)/bin/python
 	$(MAKE) --no-print-directory cache-info PYTHON=$(VENV)/bin/python
 	$(MAKE) --no-print-directory train PYTHON=$(VENV)/bin/python

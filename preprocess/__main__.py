@@ -23,32 +23,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("raw_dir", metavar="RAW_DIR", help="folder holding the case folders (searched recursively)")
     p.add_argument("--cache-dir", default="data_cache", help="cache root; the keyed cache is made inside it")
-    p.add_argument("--name", default=None, help="cache name (default: RAW_DIR's folder name)")
+    p.add_argument("--name", default=argparse.SUPPRESS, help="cache name (default: RAW_DIR's folder name)")
     p.add_argument("--jobs", type=int, default=-1, help="parallel workers (-1: all cores)")
     p.add_argument("--force", action="store_true", help="rewrite cases that are already complete")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("settings (a change makes a new cache)")
-    g.add_argument("--dtype", default=d.dtype, choices=["float16", "float32"])
-    g.add_argument("--chunk", type=int, nargs=3, default=list(d.chunk), metavar=("X", "Y", "Z"))
-    g.add_argument("--codec", default=d.codec, help="Blosc compressor: zstd, lz4, lz4hc, blosclz, zlib")
-    g.add_argument("--clevel", type=int, default=d.clevel)
+    g.add_argument("--dtype", default=d.dtype, choices=["float16", "float32"], help="image dtype on disk")
+    g.add_argument("--chunk", type=int, nargs=3, default=list(d.chunk), metavar=("X", "Y", "Z"),
+                   help="spatial chunk shape (a chunk holds all four channels)")
+    g.add_argument("--codec", default=d.codec, choices=["zstd", "lz4", "lz4hc", "blosclz", "zlib"],
+                   help="Blosc compressor (lz4hc with --clevel 9: about 2x faster reads, about 20%% larger)")
+    g.add_argument("--clevel", type=int, default=d.clevel, help="compression level 0..9")
     g.add_argument("--blocksize", type=int, default=d.blocksize, help="Blosc block size in bytes (0: auto)")
-    g.add_argument("--shuffle", default=d.shuffle, choices=["noshuffle", "shuffle", "bitshuffle"])
+    g.add_argument("--shuffle", default=d.shuffle, choices=["noshuffle", "shuffle", "bitshuffle"],
+                   help="Blosc byte filter")
     g.add_argument("--max-indices", type=int, default=d.max_indices_per_class,
                    help="tumour coordinates kept per class (0: all)")
-    g.add_argument("--index-seed", type=int, default=d.index_seed)
+    g.add_argument("--index-seed", type=int, default=d.index_seed, help="seed of the tumour-coordinate sample")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.max_indices < 0:
+        parser.error(f"--max-indices must be >= 0 (0: keep all), got {args.max_indices}")
     try:
         cfg = PreprocessConfig(
             dtype=args.dtype, chunk=tuple(args.chunk), codec=args.codec, clevel=args.clevel,
             shuffle=args.shuffle, blocksize=args.blocksize, max_indices_per_class=args.max_indices or None, index_seed=args.index_seed,
         )
         summary = run_preprocess(
-            args.raw_dir, args.cache_dir, cfg, name=args.name, jobs=args.jobs, force=args.force,
+            args.raw_dir, args.cache_dir, cfg, name=getattr(args, "name", None), jobs=args.jobs, force=args.force,
             progress=not args.no_progress,
         )
     except (PipelineError, FileNotFoundError) as exc:

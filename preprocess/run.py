@@ -13,7 +13,7 @@ from joblib import Parallel, delayed
 from tqdm import tqdm
 
 from pipeline import cache
-from pipeline.errors import CaseError, PipelineError
+from pipeline.errors import CaseError, ConfigError, PipelineError
 from pipeline.nifti import CaseFiles, discover_cases, source_records
 from pipeline.provenance import run_record
 from preprocess.case import preprocess_case
@@ -87,13 +87,16 @@ def run_preprocess(
         progress: show a tqdm bar.
     """
     t0 = time.perf_counter()
+    if jobs == 0 or jobs < -1:
+        raise ConfigError(f"jobs must be >= 1, or -1 for all cores; got {jobs}")
     raw_dir = Path(raw_dir)
+    found = discover_cases(raw_dir)  # fails on a missing folder before anything is created
     cache_dir = cache.cache_dir_for(cache_root, name or raw_dir.resolve().name, cfg)
     summary = Summary(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     cache.cleanup_partial(cache_dir)
     todo = []
-    for files in discover_cases(raw_dir):
+    for files in found:
         try:
             status = cache.case_status(cache_dir, files.case_id, source_records(files), cfg)
         except OSError as exc:

@@ -99,3 +99,11 @@ def test_evaluate_run_from_cache(raw_dir: Path, tmp_path: Path) -> None:
     loaders = [(c, partial(_cache_pair, cache, c, tmp_path / "gt_pred" / f"{c}.nii.gz")) for c in IDS]
     rows, failed = evaluate_loaders(loaders, progress=False)
     assert not failed and all(r[f"Dice_{reg}"] == 1.0 for r in rows for reg in ("WT", "TC", "ET"))
+
+
+def test_nothing_to_evaluate_exits_2(raw_dir: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    save_volume(pred / "unrelated_case.nii.gz", np.zeros((4, 4, 4), np.uint8), BRATS_AFFINE)
+    assert main(["--pred", str(pred), "--gt", str(raw_dir), "--no-progress"]) == 2
+    assert "no case could be evaluated" in capsys.readouterr().err

@@ -250,3 +250,15 @@ def test_ctrl_c_keeps_complete_cases_and_says_so(tmp_path: Path) -> None:
     assert manifest["cases"] == complete_cases(cache_dir) and len(manifest["cases"]) < 3
     visible = sorted(p.name for p in cache_dir.glob("*.zarr") if not p.name.startswith("."))
     assert visible == [f"{c}.zarr" for c in manifest["cases"]]
+
+
+def test_bad_arguments_create_nothing(tmp_path: Path) -> None:
+    run = lambda *a: subprocess.run([sys.executable, "-m", "preprocess", *a], cwd=REPO,  # noqa: E731
+                                    capture_output=True, text=True, timeout=60)
+    missing = run(str(tmp_path / "nope"), "--cache-dir", str(tmp_path / "c"))
+    assert missing.returncode == 2 and "not found" in missing.stderr
+    raw = tmp_path / "raw"
+    generate_dataset(raw, 1, seed=1, shape=TINY)
+    zero_jobs = run(str(raw), "--cache-dir", str(tmp_path / "c"), "--jobs", "0")
+    assert zero_jobs.returncode == 2 and "jobs must be" in zero_jobs.stderr
+    assert not (tmp_path / "c").exists()

@@ -17,6 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from preprocess.run import run_preprocess
 from pipeline.cache import PreprocessConfig
+from pipeline.errors import CheckpointError
 from train.checkpoint import load_checkpoint, model_from_checkpoint
 from train.config import TrainConfig
 from train.trainer import fit
@@ -98,3 +99,16 @@ def test_training_runs_on_the_real_cases(tmp_path: Path) -> None:
                       val_overlap=0.0, preset="small")
     result = fit(cfg, progress=False)
     assert result["step"] == 2 and 0.0 <= result["Dice_WT"] <= 1.0
+
+
+def test_resume_without_checkpoint_and_bad_checkpoint_are_clear_errors(tiny_cache, tmp_path: Path) -> None:
+    cache_dir, _ = tiny_cache
+    res = subprocess.run(_train_cli(cache_dir, tmp_path / "empty", "--resume"), cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2 and "nothing to resume" in res.stderr
+    not_a_checkpoint = tmp_path / "config.json"
+    not_a_checkpoint.write_text("{}")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(not_a_checkpoint)
+    with pytest.raises(CheckpointError, match="no best.pt or last.pt"):
+        load_checkpoint(tmp_path)

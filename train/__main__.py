@@ -8,7 +8,8 @@ import sys
 from dataclasses import fields
 
 from pipeline.errors import PipelineError
-from train.config import TrainConfig
+from pipeline.model import PRESETS
+from train.config import AMP, LOADERS, OPTIMIZERS, TrainConfig
 
 
 def _bool(text: str) -> bool:
@@ -18,6 +19,14 @@ def _bool(text: str) -> bool:
         return False
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
+
+CHOICES = {
+    "preset": list(PRESETS),
+    "loss_mode": ["regions", "classes"],
+    "optimizer": list(OPTIMIZERS),
+    "amp": list(AMP),
+    "loader": list(LOADERS),
+}
 
 HELP = {
     "cache_dir": "keyed cache directory, or a cache root holding exactly one cache",
@@ -31,7 +40,14 @@ HELP = {
     "p_fg": "share of patches centred on a tumour voxel",
     "augment": "flips on all axes, intensity scale/shift, Gaussian noise",
     "spatial_augment": "small rotations and scaling, batched on the device",
-    "fold": "validation fold (k-fold split by case id)",
+    "fold": "validation fold, 0 .. n-folds - 1 (k-fold split by case id)",
+    "n_folds": "number of folds of the split",
+    "lr": "initial learning rate (poly decay to 0 over all steps)",
+    "weight_decay": "weight decay",
+    "seed": "seed of patches, augmentation and initial weights",
+    "batch_size": "patches per step",
+    "epochs": "epochs (a checkpoint after each)",
+    "val_overlap": "overlap of sliding windows at validation",
     "device": "auto (CUDA if present), cpu, cuda, cuda:N",
     "amp": "mixed precision on CUDA: bf16, fp16 (with a grad scaler) or none",
     "compile": "torch.compile the model",
@@ -53,17 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        required = f.name in ("cache_dir", "run_dir")
         text = HELP.get(f.name, f.name.replace("_", " "))
-        if f.name == "patch_size":
+        if f.name in ("cache_dir", "run_dir"):
+            p.add_argument(flag, required=True, default=argparse.SUPPRESS, help=text)
+        elif f.name == "patch_size":
             p.add_argument(flag, type=int, nargs=3, default=list(f.default), metavar=("X", "Y", "Z"), help=text)
         elif f.type in ("bool", "bool | None"):
-            p.add_argument(flag, type=_bool, default=f.default if not required else None, help=text)
-        elif required:
-            p.add_argument(flag, required=True, help=text)
+            p.add_argument(flag, type=_bool, default=f.default, metavar="{true,false}", help=text)
         else:
             kind = type(f.default) if f.default is not None else str
-            p.add_argument(flag, type=kind, default=f.default, help=text)
+            p.add_argument(flag, type=kind, default=f.default, choices=CHOICES.get(f.name), help=text)
     p.add_argument("--resume", action="store_true", help="continue from RUN/last.pt exactly where it stopped")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p

@@ -45,13 +45,16 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     """
     path = Path(path)
     if path.is_dir():  # a run directory: its best checkpoint, else its last
-        path = next((p for p in (path / "best.pt", path / "last.pt") if p.exists()), path / "best.pt")
+        found = [p for p in (path / "best.pt", path / "last.pt") if p.exists()]
+        if not found:
+            raise CheckpointError(f"no best.pt or last.pt in {path} (has training run an epoch there?)")
+        path = found[0]
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError as exc:
         raise CheckpointError(f"no checkpoint at {path}") from exc
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+    except Exception as exc:  # torch raises pickle, zip and runtime errors for files that are no checkpoint
+        raise CheckpointError(f"{path} is not a readable checkpoint (.pt): {type(exc).__name__}") from exc
     if not isinstance(state, dict) or state.get("checkpoint_version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"{path}: not a checkpoint of version {CHECKPOINT_VERSION}")
     state["path"] = str(path)

@@ -325,6 +325,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(summary))
     for message in summary["failed"].values():
         print(f"FAILED {message}", file=sys.stderr)
+    if summary["n_cases"] == 0:
+        print("error: no case could be evaluated (do the prediction file names match GT's case ids?)",
+              file=sys.stderr)
+        return 2
     return 0 if not summary["failed"] else 1
 
 

@@ -22,6 +22,7 @@ from pipeline.metrics import batch_region_dice
 from pipeline.model import ModelConfig, build_model, model_preset
 from pipeline.provenance import run_record
 from train.augment import augment_batch
+from pipeline.errors import CheckpointError
 from train.checkpoint import load_checkpoint, save_checkpoint
 from train.config import TrainConfig
 from train.dataset import PatchDataset, PatchSpec, make_batches, split_cases
@@ -198,7 +199,9 @@ def fit(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dic
     tune_malloc()
     parts, run_dir = build(cfg), Path(cfg.run_dir)
     step, epoch, best, history = 0, 0, -1.0, []
-    if resume and (run_dir / "last.pt").exists():
+    if resume:
+        if not (run_dir / "last.pt").exists():
+            raise CheckpointError(f"nothing to resume: no last.pt in {run_dir}")
         step, epoch, best, history = _restore(parts, load_checkpoint(run_dir / "last.pt"))
     _write_run_files(parts, run_dir)
     step_model = torch.compile(parts.model) if cfg.compile else parts.model

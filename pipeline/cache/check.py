@@ -19,7 +19,8 @@ def info_lines(cache: CacheInfo) -> list[str]:
     """One header line, then one line per case: shape and label voxel counts."""
     m = cache.manifest
     lines = [
-        f"cache {cache.path}  format v{m['format_version']}  settings {m['preprocess']}",
+        f"cache {cache.path}  format v{m['format_version']}",
+        "settings " + " ".join(f"{k}={v}" for k, v in sorted(m["preprocess"].items())),
         f"{len(cache.case_ids)} cases, {disk_usage(cache.path) / 2**20:.1f} MiB on disk"
         + (f", {len(m['failed'])} failed at preprocessing" if m.get("failed") else ""),
         f"{'case':32s} {'edition':9s} {'shape':>15s}  {'NCR':>8s} {'ED':>8s} {'ET':>8s}",
