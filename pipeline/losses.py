@@ -10,16 +10,15 @@ Label convention (project-wide): 0 background, 1 necrosis (NCR), 2 oedema
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.config import Config
 from pipeline.errors import ConfigError
 
 MODES = ("classes", "regions")
@@ -40,7 +39,7 @@ def num_outputs(mode: str) -> int:
 
 
 @dataclass(frozen=True)
-class LossConfig:
+class LossConfig(Config):
     """Settings of :class:`SegmentationLoss`; stored in every checkpoint.
 
     Attributes:
@@ -77,22 +76,6 @@ class LossConfig:
                 f"ce_weight={self.ce_weight!r}"
             )
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict of every field (JSON-serialisable)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LossConfig:
-        """Inverse of :meth:`to_dict`; missing keys take their defaults.
-
-        Raises:
-            ConfigError: on an unknown key or an invalid value.
-        """
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown LossConfig keys {unknown}")
-        return cls(**data)
 
 
 def _check_label(label: torch.Tensor, num_classes: int = NUM_CLASSES) -> None:

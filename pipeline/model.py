@@ -14,13 +14,13 @@ Inputs are ``(B, C, X, Y, Z)``; every spatial size must be divisible by
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from pipeline.config import Config
 from pipeline.errors import ConfigError
 
 ARCHS = ("seed", "unet")
@@ -29,7 +29,7 @@ PRESETS = ("seed", "small", "brats")
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Config):
     """Everything needed to rebuild a network; stored in every checkpoint.
 
     Attributes:
@@ -87,22 +87,6 @@ class ModelConfig:
         """Every spatial input size must be a multiple of this."""
         return int(2 ** (self.depth - 1))
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict of every field (JSON-serialisable)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """Inverse of :meth:`to_dict`; missing keys take their defaults.
-
-        Raises:
-            ConfigError: on an unknown key or an invalid value.
-        """
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown ModelConfig keys {unknown}")
-        return cls(**data)
 
 
 def model_preset(name: str, *, out_channels: int, deep_supervision: bool | None = None) -> ModelConfig:

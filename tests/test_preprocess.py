@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import zarr
 
 from pipeline import transforms as T
@@ -143,19 +142,24 @@ def test_each_broken_case_is_reported_and_good_cases_land(tmp_path: Path) -> Non
     assert set(info.manifest["failed"]) == set(expect)
 
 
-def test_killed_run_leaves_no_complete_looking_case(tmp_path: Path) -> None:
-    raw = tmp_path / "raw"
-    generate_dataset(raw, 3, seed=5, shape=(112, 112, 80))
-    cache_root = tmp_path / "c"
+def _interrupt_mid_case(raw: Path, cache_root: Path, seed: int, sig: int) -> subprocess.Popen[str]:
+    """Start ``python -m preprocess`` on 3 cases and send ``sig`` while a case is being written."""
+    generate_dataset(raw, 3, seed=seed, shape=(112, 112, 80))
     proc = subprocess.Popen(
         [sys.executable, "-m", "preprocess", str(raw), "--cache-dir", str(cache_root), "--jobs", "1",
          "--no-progress", "--codec", "zstd", "--clevel", "9"],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
     deadline = time.time() + 60
     while time.time() < deadline and not list(cache_root.glob("*/.*.zarr.tmp-*/image")):
         time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)
+    os.killpg(proc.pid, sig)
+    return proc
+
+
+def test_killed_run_leaves_no_complete_looking_case(tmp_path: Path) -> None:
+    raw, cache_root = tmp_path / "raw", tmp_path / "c"
+    proc = _interrupt_mid_case(raw, cache_root, seed=5, sig=signal.SIGKILL)
     proc.wait()
     (cache_dir,) = cache_root.iterdir()
     partial = list(cache_dir.glob(".*.zarr.tmp-*"))
@@ -231,18 +235,8 @@ def test_cache_cli_info_and_verify(raw_dir: Path, tmp_path: Path) -> None:
 
 
 def test_ctrl_c_keeps_complete_cases_and_says_so(tmp_path: Path) -> None:
-    raw = tmp_path / "raw"
-    generate_dataset(raw, 3, seed=6, shape=(112, 112, 80))
-    cache_root = tmp_path / "c"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "preprocess", str(raw), "--cache-dir", str(cache_root), "--jobs", "1",
-         "--no-progress", "--codec", "zstd", "--clevel", "9"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )
-    deadline = time.time() + 60
-    while time.time() < deadline and not list(cache_root.glob("*/.*.zarr.tmp-*/image")):
-        time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGINT)
+    raw, cache_root = tmp_path / "raw", tmp_path / "c"
+    proc = _interrupt_mid_case(raw, cache_root, seed=6, sig=signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in err
     (cache_dir,) = cache_root.iterdir()

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
+from pipeline.config import Config
 from pipeline.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -13,7 +13,7 @@ LOADERS = ("threads", "processes")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Config):
     """Every knob of a training run; CLI flags map 1:1 onto these fields.
 
     Data: ``cache_dir`` (a keyed cache), ``patch_size`` (voxels per axis),
@@ -87,15 +87,3 @@ class TrainConfig:
     @property
     def total_steps(self) -> int:
         return self.epochs * self.iters_per_epoch
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["patch_size"] = list(self.patch_size)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ConfigError(f"unknown training settings {sorted(unknown)}")
-        return cls(**d)

@@ -23,7 +23,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from pipeline import transforms as T
 from pipeline.cache import open_cache, open_case
+from pipeline.config import Config
 from pipeline.errors import CaseError, CheckpointError, ConfigError, PipelineError
 from pipeline.inference import probs_to_labels, sliding_window_predict
 from pipeline.nifti import CaseFiles, discover_cases, read_case, save_volume
@@ -52,7 +53,7 @@ Source = tuple[str, str, Callable[[], "CaseInput"]]
 
 
 @dataclass(frozen=True)
-class PredictConfig:
+class PredictConfig(Config):
     """Inference settings; CLI flags map 1:1 onto these fields.
 
     Attributes:
@@ -83,9 +84,6 @@ class PredictConfig:
             if not ok:
                 raise ConfigError(f"invalid {name}: {value!r}")
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict of every field."""
-        return asdict(self)
 
 
 @dataclass(frozen=True)

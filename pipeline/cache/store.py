@@ -9,7 +9,7 @@ import os
 import shutil
 import threading
 import uuid
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from pipeline.config import Config
 from pipeline.errors import CacheFormatError, ConfigError
 
 #: Bumped whenever the layout, the attrs or the meaning of an array changes.
@@ -29,7 +30,7 @@ _SHUFFLES = ("noshuffle", "shuffle", "bitshuffle")
 
 
 @dataclass(frozen=True)
-class PreprocessConfig:
+class PreprocessConfig(Config):
     """Settings that change what the cache holds; their hash names the cache.
 
     Attributes:
@@ -71,20 +72,6 @@ class PreprocessConfig:
             raise ConfigError(f"clevel must be in 0..9, got {self.clevel}")
         if self.max_indices_per_class is not None and self.max_indices_per_class < 1:
             raise ConfigError(f"max_indices_per_class must be >= 1 or None, got {self.max_indices_per_class}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (tuples become lists)."""
-        d = asdict(self)
-        d["chunk"] = list(self.chunk)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise ConfigError."""
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ConfigError(f"unknown preprocessing settings {sorted(unknown)}")
-        return cls(**{**d, "chunk": tuple(d.get("chunk", cls.chunk))})
 
     def key(self) -> str:
         """Short hash of the settings and the format version."""
