@@ -33,7 +33,7 @@ DEMO_SEED  ?= 0
 DEMO_VAL_CASES ?= 4
 DEMO_VAL   ?= data/synthetic-val
 
-.PHONY: help setup synthetic preprocess cache-info cache-verify train predict evaluate evaluate-run demo test bench clean-demo
+.PHONY: help setup synthetic preprocess cache-info cache-verify train predict evaluate evaluate-run demo test typecheck bench clean-demo
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -80,8 +80,12 @@ demo: setup  ## fresh machine -> the whole job on synthetic data (about 6 minute
 	$(MAKE) --no-print-directory predict PYTHON=$(VENV)/bin/python
 	$(MAKE) --no-print-directory evaluate PYTHON=$(VENV)/bin/python
 
-test:  ## the test suite (CPU, a few minutes)
+test:  ## the type check, then the test suite (CPU, about a minute)
+	$(MAKE) --no-print-directory typecheck PYTHON=$(PYTHON)
 	$(PYTHON) -m pytest -q
+
+typecheck:  ## mypy --strict on the shared library (settings in pyproject.toml)
+	$(PYTHON) -m mypy
 
 bench:  ## benchmarks recorded in docs/benchmarks.md (slow: tens of minutes)
 	$(PYTHON) -m benchmarks.run

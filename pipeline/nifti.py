@@ -11,6 +11,7 @@ import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
@@ -128,10 +129,10 @@ def _case_files(folder: Path, names: list[str]) -> CaseFiles | None:
     ed = best[1]
     images: list[Path | None] = []
     for s in ed.suffixes:
-        hits = sorted(_match(names, ed.separator + s))
-        if len(hits) > 1:
-            raise CaseError(folder.name, str(folder), f"several files for modality {s!r}: {hits}")
-        images.append(folder / hits[0] if hits else None)
+        files = sorted(_match(names, ed.separator + s))
+        if len(files) > 1:
+            raise CaseError(folder.name, str(folder), f"several files for modality {s!r}: {files}")
+        images.append(folder / files[0] if files else None)
     segs = sorted(_match(names, ed.separator + "seg")) or sorted(n for n in names if _QUIRK_SEG.search(n))
     if len(segs) > 1:
         raise CaseError(folder.name, str(folder), f"several label files: {segs}")
@@ -202,7 +203,7 @@ def source_records(files: CaseFiles) -> list[dict[str, object]]:
 def _load(case_id: str, path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
     """Read one NIfTI file fully, turning every reader failure into a CaseError."""
     try:
-        img = nib.load(path)
+        img = cast(nib.Nifti1Image, nib.load(path))
         data = np.asanyarray(img.dataobj)
     except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as exc:
         raise CaseError(case_id, str(path), f"cannot read NIfTI: {type(exc).__name__}: {exc}") from exc

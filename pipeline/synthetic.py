@@ -48,7 +48,7 @@ _Tumour = tuple[_Box, np.ndarray, np.ndarray]
 
 def _interp_matrix(n_in: int, n_out: int) -> np.ndarray:
     """(n_out, n_in) float32 matrix of 1-D cubic B-spline interpolation."""
-    return ndimage.zoom(np.eye(n_in, dtype=np.float32), (n_out / n_in, 1.0), order=3, mode="mirror")
+    return np.asarray(ndimage.zoom(np.eye(n_in, dtype=np.float32), (n_out / n_in, 1.0), order=3, mode="mirror"))
 
 
 def _smooth_noise(shape: tuple[int, ...], cell: float, rng: np.random.Generator) -> np.ndarray:
@@ -94,7 +94,7 @@ def _brain(shape: tuple[int, ...], vox: float, rng: np.random.Generator) -> tupl
 def _quadric(u: list[np.ndarray], centre: tuple[float, float, float], semi: tuple[float, float, float]) -> np.ndarray:
     """Normalised squared radius of a left/right mirrored pair of ellipsoids; < 1 inside."""
     d = (np.abs(u[0]) - centre[0]) ** 2 / semi[0] ** 2 + (u[1] - centre[1]) ** 2 / semi[1] ** 2
-    return d + (u[2] - centre[2]) ** 2 / semi[2] ** 2
+    return np.asarray(d + (u[2] - centre[2]) ** 2 / semi[2] ** 2)
 
 
 def _tissues(u: list[np.ndarray], r: np.ndarray, vox: float, rng: np.random.Generator) -> np.ndarray:
@@ -131,7 +131,7 @@ def _blob(offs: list[np.ndarray], radii: np.ndarray, rot: np.ndarray, bumps: np.
     d2 = np.zeros(bumps.shape, dtype=np.float32)
     for i in range(3):
         d2 += ((rot[i, 0] * offs[0] + rot[i, 1] * offs[1] + rot[i, 2] * offs[2]) / np.float32(radii[i])) ** 2
-    return np.sqrt(d2) / (1.0 + 0.22 * np.clip(bumps, -2.5, 2.5))
+    return np.asarray(np.sqrt(d2) / (1.0 + 0.22 * np.clip(bumps, -2.5, 2.5)))
 
 
 def _tumour(r: np.ndarray, vox: float, rng: np.random.Generator) -> _Tumour:
@@ -199,7 +199,7 @@ def _finish(img: np.ndarray, brain: np.ndarray, vox: float, rng: np.random.Gener
     out *= np.float32(np.exp(rng.uniform(np.log(500.0), np.log(16000.0))) / max(float(out.max()), 1e-6))
     np.clip(np.rint(out, out=out), 1, 32767, out=out)
     out *= brain
-    return out.astype(np.int16)
+    return np.asarray(out.astype(np.int16))
 
 
 def make_case(shape: Sequence[int], rng: np.random.Generator) -> tuple[dict[str, np.ndarray], np.ndarray]:

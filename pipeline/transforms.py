@@ -32,7 +32,7 @@ def brain_mask(images: np.ndarray) -> np.ndarray:
     Returns:
         (X, Y, Z) bool.
     """
-    return np.any(images != 0, axis=0)
+    return np.asarray(np.any(images != 0, axis=0), dtype=bool)
 
 
 def bounding_box(mask: np.ndarray) -> Box:

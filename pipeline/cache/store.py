@@ -11,7 +11,7 @@ import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numcodecs.blosc
 import numpy as np
@@ -93,8 +93,10 @@ def case_path(cache_dir: str | os.PathLike[str], case_id: str) -> Path:
 
 
 def _create(group: zarr.Group, name: str, data: np.ndarray, chunks: tuple[int, ...], cfg: PreprocessConfig) -> None:
+    # names validated in PreprocessConfig; zarr types them as enums/literals
+    cname, shuffle = cast(Any, cfg.codec), cast(Any, cfg.shuffle)
     codec = BloscCodec(
-        cname=cfg.codec, clevel=cfg.clevel, shuffle=cfg.shuffle, typesize=data.dtype.itemsize, blocksize=cfg.blocksize
+        cname=cname, clevel=cfg.clevel, shuffle=shuffle, typesize=data.dtype.itemsize, blocksize=cfg.blocksize
     )
     arr = group.create_array(
         name, shape=data.shape, chunks=chunks, dtype=data.dtype, compressors=[codec], fill_value=0
@@ -326,8 +328,7 @@ class CachedCase:
     def indices(self) -> dict[int, np.ndarray]:
         """class -> (N, 3) int32 tumour coordinates in the cropped grid (loaded once)."""
         if self._indices is None:
-            group = zarr.open_group(str(self.path), mode="r")
-            sub = group["indices"]
+            sub = zarr.open_group(str(self.path / "indices"), mode="r")
             self._indices = {int(k): np.asarray(v[...]) for k, v in sub.arrays()}
         return self._indices
 
@@ -398,10 +399,10 @@ def _read_box(
     if any(a >= b for a, b in zip(lo, hi)):
         return out
     if not meta.fast:
-        src = zarr.open_array(str(meta.path), mode="r")
-        sel = (Ellipsis, *(slice(a, b) for a, b in zip(lo, hi)))
-        dst = (Ellipsis, *(slice(a - s, b - s) for a, b, s in zip(lo, hi, start)))
-        out[dst] = src[sel]
+        array = zarr.open_array(str(meta.path), mode="r")
+        sel: tuple[Any, ...] = (Ellipsis, *(slice(a, b) for a, b in zip(lo, hi)))
+        dst: tuple[Any, ...] = (Ellipsis, *(slice(a - s, b - s) for a, b, s in zip(lo, hi, start)))
+        out[dst] = array[sel]
         return out
     cs = meta.chunks[-3:]
     prefix = meta.path / "c" / Path(*(["0"] * len(lead))) if lead else meta.path / "c"
@@ -415,7 +416,7 @@ def _read_box(
         g0 = [max(i * c, a) for i, c, a in zip(ijk, cs, lo)]
         g1 = [min((i + 1) * c, b) for i, c, b in zip(ijk, cs, hi)]
         dst = (Ellipsis, *(slice(a - s, b - s) for a, b, s in zip(g0, g1, start)))
-        src = (Ellipsis, *(slice(a - i * c, b - i * c) for a, b, i, c in zip(g0, g1, ijk, cs)))
+        src: tuple[Any, ...] = (Ellipsis, *(slice(a - i * c, b - i * c) for a, b, i, c in zip(g0, g1, ijk, cs)))
         out[dst] = block[src]
     return out
 
