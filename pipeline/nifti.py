@@ -16,6 +16,7 @@ from typing import cast
 import nibabel as nib
 import numpy as np
 
+from pipeline.atomic import atomic_path
 from pipeline.errors import CaseError, MissingFileError
 
 # BraTS volumes are stored with this orientation (LPS-flipped RAS, 1 mm).
@@ -49,13 +50,8 @@ def save_volume(
     img.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm", "sec")
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{suffix}")
-    try:
+    with atomic_path(path, suffix) as tmp:
         nib.save(img, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 # --------------------------------------------------------------------------

@@ -72,3 +72,18 @@ def tiny_cache(synthetic_master: Path, tmp_path_factory: pytest.TempPathFactory)
 
     summary = run_preprocess(synthetic_master, tmp_path_factory.mktemp("cache"), TINY_CFG, jobs=1, progress=False)
     return summary.cache_dir, sorted(summary.written)
+
+
+def make_2023_case(root: Path, tmp: Path) -> Path:
+    """A synthetic case in BraTS 2023 naming (``BraTS-GLI-00002-000-t2f.nii.gz`` ...), 3 for enhancing tumour."""
+    from pipeline.nifti import BRATS_AFFINE, MODALITIES, save_volume
+
+    src = generate_dataset(tmp, 1, seed=4, shape=TINY, gz=True, prefix="x")[0]
+    dst = root / "BraTS-GLI-00002-000"
+    dst.mkdir(parents=True)
+    for old, new in zip((*MODALITIES, "seg"), ("t2f", "t1n", "t1c", "t2w", "seg")):
+        data = load(src / f"x_001_{old}.nii.gz")
+        if old == "seg":
+            data = np.where(data == 4, 3, data).astype(np.uint8)
+        save_volume(dst / f"BraTS-GLI-00002-000-{new}.nii.gz", data, BRATS_AFFINE)
+    return dst

@@ -15,11 +15,11 @@ import torch
 
 from pipeline.cache import PreprocessConfig
 from pipeline.model import ModelConfig, build_model
-from pipeline.nifti import BRATS_AFFINE, EDITION_BY_NAME, MODALITIES, discover_cases, read_case, save_volume
+from pipeline.nifti import EDITION_BY_NAME, discover_cases, read_case
 from pipeline.synthetic import generate_dataset
 from preprocess.case import preprocess_raw
 from preprocess.run import run_preprocess
-from tests.conftest import REPO, TINY, TINY_CFG, load, real_dir
+from tests.conftest import REPO, TINY, TINY_CFG, make_2023_case, real_dir
 from train.checkpoint import save_checkpoint
 from train.predict import (
     CaseInput,
@@ -54,19 +54,6 @@ def pointwise_predictor(patch: int) -> Predictor:
     torch.manual_seed(0)
     model = torch.nn.Conv3d(4, 3, kernel_size=1).eval()
     return Predictor(model, "sigmoid", (patch,) * 3, "float16", torch.device("cpu"), "mem", 0)
-
-
-def make_2023_case(root: Path, tmp: Path) -> Path:
-    """A synthetic case in BraTS 2023 naming, with 3 for enhancing tumour."""
-    src = generate_dataset(tmp, 1, seed=4, shape=TINY, gz=True, prefix="x")[0]
-    dst = root / "BraTS-GLI-00002-000"
-    dst.mkdir(parents=True)
-    for old, new in zip((*MODALITIES, "seg"), ("t2f", "t1n", "t1c", "t2w", "seg")):
-        data = load(src / f"x_001_{old}.nii.gz")
-        if old == "seg":
-            data = np.where(data == 4, 3, data).astype(np.uint8)
-        save_volume(dst / f"BraTS-GLI-00002-000-{new}.nii.gz", data, BRATS_AFFINE)
-    return dst
 
 
 def perfect_round_trip(case_dir: Path, out: Path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Image]:

@@ -17,10 +17,10 @@ import zarr
 from pipeline import transforms as T
 from pipeline.cache import PreprocessConfig, complete_cases, open_cache, open_case
 from pipeline.cache.check import verify
-from pipeline.nifti import BRATS_AFFINE, MODALITIES, discover_cases, save_volume
+from pipeline.nifti import BRATS_AFFINE, discover_cases, save_volume
 from pipeline.synthetic import generate_dataset
 from preprocess.run import run_preprocess
-from tests.conftest import REPO, TINY, TINY_CFG, load, real_dir, reference_preprocess
+from tests.conftest import REPO, TINY, TINY_CFG, load, make_2023_case, real_dir, reference_preprocess
 
 LABEL_MAPS = {"brats2020": {0: 0, 1: 1, 2: 2, 4: 3}, "brats2023": {0: 0, 1: 1, 2: 2, 3: 3}}
 
@@ -195,14 +195,7 @@ def test_layouts_and_quirks(tmp_path: Path) -> None:
     (quirk / "BraTS20_Training_002_seg.nii").rename(quirk / "W39_1998.09.19_Segm.nii")
     generate_dataset(raw / "val", 1, seed=2, shape=TINY, with_seg=False, prefix="BraTS20_Validation")
     # BraTS 2023 naming with 3 for enhancing tumour
-    src = generate_dataset(tmp_path / "tmp23", 1, seed=4, shape=TINY, gz=True, prefix="x")[0]
-    dst = raw / "2023" / "BraTS-GLI-00002-000"
-    dst.mkdir(parents=True)
-    for old, new in zip((*MODALITIES, "seg"), ("t2f", "t1n", "t1c", "t2w", "seg")):
-        data = load(src / f"x_001_{old}.nii.gz")
-        if old == "seg":
-            data = np.where(data == 4, 3, data).astype(np.uint8)
-        save_volume(dst / f"BraTS-GLI-00002-000-{new}.nii.gz", data, BRATS_AFFINE)
+    make_2023_case(raw / "2023", tmp_path / "tmp23")
     summary = run_preprocess(raw, tmp_path / "c", TINY_CFG, jobs=1, progress=False)
     assert summary.ok, summary.report()
     assert check_round_trip(raw, summary.cache_dir) == 4

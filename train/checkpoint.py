@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.atomic import atomic_path
 from pipeline.cache import FORMAT_VERSION
 from pipeline.errors import CheckpointError
 from pipeline.model import ModelConfig, build_model
@@ -27,13 +28,8 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> Path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     body = {**state, "checkpoint_version": CHECKPOINT_VERSION, "cache_format_version": FORMAT_VERSION}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(body, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

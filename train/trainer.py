@@ -50,8 +50,8 @@ def tune_malloc() -> None:
     """Keep freed activation buffers in the heap instead of returning them to the OS.
 
     glibc otherwise maps and zero-fills fresh pages for every large tensor of
-    every step; on the CPU this cut the ``small`` preset's 96³ step time by
-    about 30% (docs/benchmarks.md). No effect elsewhere than glibc.
+    every step, which shows up on the CPU as system time. No effect elsewhere
+    than glibc.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -18,6 +18,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from pipeline.atomic import atomic_path
 from pipeline.config import Config
 from pipeline.errors import CacheFormatError, ConfigError
 
@@ -40,8 +41,8 @@ class PreprocessConfig(Config):
         codec: Blosc compressor name.
         clevel: compression level 0..9.
         shuffle: Blosc byte filter.
-        blocksize: Blosc block size in bytes (0: Blosc's choice); 1 MiB
-            blocks compress real MRI ~7% better with zstd than the default.
+        blocksize: Blosc block size in bytes (0: Blosc's choice); larger
+            blocks give zstd more context and compress real MRI better.
         max_indices_per_class: cap on stored tumour coordinates per class
             (seeded uniform sample); None keeps all.
         index_seed: seed of that sample (combined with the case id).
@@ -216,9 +217,8 @@ def write_manifest(cache_dir: str | os.PathLike[str], content: dict[str, Any]) -
     cache_dir = Path(cache_dir)
     cases = complete_cases(cache_dir)
     body = {**content, "format_version": FORMAT_VERSION, "cases": cases}
-    tmp = cache_dir / f".{MANIFEST}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(body, indent=2, sort_keys=True))
-    os.replace(tmp, cache_dir / MANIFEST)
+    with atomic_path(cache_dir / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(body, indent=2, sort_keys=True))
     return cache_dir / MANIFEST
 
 
@@ -373,7 +373,7 @@ def _chunk_buffer(dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
     """A per-thread buffer to decode chunks into.
 
     Decoding into a reused buffer instead of a fresh one per chunk avoids
-    mapping new pages for every chunk: 2.6x faster decoding on the real cases.
+    mapping and zero-filling new pages for every chunk.
     """
     n = int(np.prod(shape)) * dtype.itemsize
     buf = getattr(_scratch, "buf", None)
