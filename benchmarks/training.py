@@ -25,7 +25,6 @@ from preprocess.run import run_preprocess
 from train.checkpoint import save_checkpoint
 from train.dataset import PatchDataset, PatchSpec, make_batches
 from train.predict import PredictConfig, run_predict
-from train.trainer import tune_malloc
 
 PATCH = (128, 128, 128)
 BATCH = 2
@@ -140,7 +139,6 @@ def predict_time(raw: Path, workdir: Path) -> dict[str, Any]:
 
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """Loader rates (synthetic and real), step times, wait share, prediction time."""
-    tune_malloc()
     datasets = {"synthetic": synthetic_raw(workdir, args.synthetic_cases, args.seed)[0]}
     if (shared_data_dir() / "brats_real").is_dir():
         datasets["real"] = shared_data_dir() / "brats_real"

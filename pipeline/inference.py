@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from pipeline.brats import REGION_PAINT
 from pipeline.errors import ConfigError
 
 Output = Literal["softmax", "sigmoid", "logits"]
@@ -197,7 +198,7 @@ def probs_to_labels(probs: torch.Tensor, mode: Literal["softmax", "sigmoid"]) ->
     if probs.shape[0] != 3:
         raise ConfigError(f"sigmoid mode needs 3 region channels (WT, TC, ET), got {probs.shape[0]}")
     labels = torch.zeros(probs.shape[1:], dtype=torch.uint8, device=probs.device)
-    for channel, cls in ((0, 2), (1, 1), (2, 3)):
+    for channel, cls in REGION_PAINT:
         labels[probs[channel] > 0.5] = cls
     return labels
 

@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.brats import LOSS_CHANNELS, NUM_CLASSES, REGIONS
 from pipeline.config import Config
 from pipeline.errors import ConfigError
 
-MODES = ("classes", "regions")
-NUM_CLASSES = 4
+MODES = tuple(LOSS_CHANNELS)
 
 
 def num_outputs(mode: str) -> int:
@@ -31,10 +31,8 @@ def num_outputs(mode: str) -> int:
     Raises:
         ConfigError: unknown mode.
     """
-    if mode == "classes":
-        return NUM_CLASSES
-    if mode == "regions":
-        return 3
+    if mode in LOSS_CHANNELS:
+        return LOSS_CHANNELS[mode]
     raise ConfigError(f"loss mode must be one of {MODES}, got {mode!r}")
 
 
@@ -95,10 +93,8 @@ def _onehot(label: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 def _regions(label: torch.Tensor) -> torch.Tensor:
-    wt = label > 0
-    tc = (label == 1) | (label == 3)
-    et = label == 3
-    return torch.stack([wt, tc, et], dim=1).float()
+    masks = [torch.isin(label, torch.tensor(classes, device=label.device)) for classes in REGIONS.values()]
+    return torch.stack(masks, dim=1).float()
 
 
 def labels_to_onehot(label: torch.Tensor, num_classes: int = NUM_CLASSES) -> torch.Tensor:

@@ -18,26 +18,12 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from pipeline.brats import CLASS_NAMES, NUM_CLASSES, REGIONS, region_masks
 from pipeline.errors import ConfigError
 
-REGIONS: dict[str, tuple[int, ...]] = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
-CLASS_NAMES: dict[int, str] = {1: "NCR", 2: "ED", 3: "ET"}
 HD95_EMPTY = 373.13
-NUM_CLASSES = 4
 
 Spacing = Sequence[float]
-
-
-def region_masks(label: np.ndarray) -> dict[str, np.ndarray]:
-    """Boolean WT / TC / ET masks of a contiguous-class label map.
-
-    Args:
-        label: (X, Y, Z) integer classes 0..3.
-
-    Returns:
-        ``{"WT": mask, "TC": mask, "ET": mask}``, each (X, Y, Z) bool.
-    """
-    return {name: np.isin(label, classes) for name, classes in REGIONS.items()}
 
 
 def dice(pred: np.ndarray, gt: np.ndarray) -> float:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
@@ -17,6 +17,7 @@ import nibabel as nib
 import numpy as np
 
 from pipeline.atomic import atomic_path
+from pipeline.brats import EDITION_BY_NAME, EDITIONS, MODALITIES, Edition
 from pipeline.errors import CaseError, MissingFileError
 
 # BraTS volumes are stored with this orientation (LPS-flipped RAS, 1 mm).
@@ -58,35 +59,6 @@ def save_volume(
 # Raw BraTS case folders: editions, discovery, reading, validation.
 # --------------------------------------------------------------------------
 
-#: Canonical channel order of every image array in the project.
-MODALITIES: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")
-
-
-@dataclass(frozen=True)
-class Edition:
-    """File naming and label set of one family of BraTS releases.
-
-    Attributes:
-        name: ``"brats2020"`` (2018–2021 naming) or ``"brats2023"``.
-        separator: character between the case id and the modality in file names.
-        suffixes: file-name modality for each canonical modality, in
-            :data:`MODALITIES` order.
-        labels: raw label values allowed in the segmentation.
-        label_map: raw label -> contiguous class (0 bg, 1 NCR, 2 ED, 3 ET).
-    """
-
-    name: str
-    separator: str
-    suffixes: tuple[str, ...]
-    labels: tuple[int, ...]
-    label_map: dict[int, int] = field(hash=False)
-
-
-EDITIONS: tuple[Edition, ...] = (
-    Edition("brats2020", "_", ("flair", "t1", "t1ce", "t2"), (0, 1, 2, 4), {0: 0, 1: 1, 2: 2, 4: 3}),
-    Edition("brats2023", "-", ("t2f", "t1n", "t1c", "t2w"), (0, 1, 2, 3), {0: 0, 1: 1, 2: 2, 3: 3}),
-)
-EDITION_BY_NAME = {e.name: e for e in EDITIONS}
 _NII = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
 # BraTS2020 training case 355 ships its label map as ``W39_1998.09.19_Segm.nii``.
 _QUIRK_SEG = re.compile(r"_Segm\.nii(\.gz)?$", re.IGNORECASE)
@@ -139,7 +111,8 @@ def discover_cases(root: str | os.PathLike[str]) -> list[CaseFiles]:
     """Find every case folder under ``root`` (searched recursively).
 
     A folder is a case when it holds at least one modality file of a known
-    edition; its id is the folder name. Cases with missing modalities are
+    edition; its id is the folder name. Symbolic links to folders are
+    followed (each real folder is visited once). Cases with missing modalities are
     returned too (with ``None`` entries) so that they are reported, not lost.
 
     Raises:
@@ -150,7 +123,14 @@ def discover_cases(root: str | os.PathLike[str]) -> list[CaseFiles]:
     if not root.is_dir():
         raise FileNotFoundError(f"raw data folder not found: {root}")
     found: dict[str, CaseFiles] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
+    seen: set[str] = set()
+    # Case folders are often symbolic links (a split made of links); follow them, once each.
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         case = _case_files(Path(dirpath), [f for f in filenames if not f.startswith(".")])
         if case is None:

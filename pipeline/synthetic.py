@@ -22,7 +22,8 @@ import numpy as np
 from scipy import ndimage
 
 from pipeline.errors import ConfigError
-from pipeline.nifti import BRATS_AFFINE, MODALITIES, save_volume
+from pipeline.brats import MODALITIES
+from pipeline.nifti import BRATS_AFFINE, save_volume
 
 BRATS_SHAPE: tuple[int, int, int] = (240, 240, 155)
 _BRAIN_SEMI_AXES = np.array([66.0, 80.0, 64.0])  # mm at BRATS_SHAPE: a ~140 x 170 x 140 brain

@@ -10,7 +10,8 @@ import zlib
 
 import numpy as np
 
-from pipeline.errors import PipelineError
+from pipeline.errors import CaseError, PipelineError
+from pipeline.nifti import RawCase
 
 Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
@@ -164,3 +165,32 @@ def tumour_indices(label: np.ndarray, max_per_class: int | None, rng: np.random.
             ids = np.sort(rng.choice(ids, size=max_per_class, replace=False))
         out[cls] = np.stack(np.unravel_index(ids, label.shape), axis=1).astype(np.int32)
     return out
+
+
+def preprocess_raw(raw: RawCase) -> tuple[np.ndarray, np.ndarray | None, Box, list[float], list[float]]:
+    """Crop to the brain and z-score: the offline stage and prediction both call this.
+
+    The crop box is the bounding box of the brain mask (non-zero in any
+    modality), joined with any labelled voxel when ``raw`` has a label map,
+    so the cache never cuts off tumour. Prediction reads cases without their
+    label map, so the network input never depends on ground truth.
+
+    Returns:
+        ((4, x, y, z) float32 z-scored image, (x, y, z) uint8 classes or None,
+        box in the original grid, per-modality means, per-modality stds).
+
+    Raises:
+        CaseError: empty or constant modality (names the file).
+    """
+    files = raw.files
+    mask = brain_mask(raw.images)
+    try:
+        box = bounding_box(mask if raw.seg is None else mask | (raw.seg != 0))
+        image, means, stds = zscore(crop(raw.images, box), crop(mask, box))
+    except TransformError as exc:
+        path = files.images[exc.channel] if exc.channel is not None else files.folder
+        raise CaseError(files.case_id, str(path), str(exc)) from exc
+    label = None
+    if raw.seg is not None:
+        label = map_labels(np.ascontiguousarray(crop(raw.seg, box)), files.edition.label_map)
+    return image, label, box, means, stds

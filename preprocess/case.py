@@ -8,35 +8,8 @@ import numpy as np
 
 from pipeline import transforms as T
 from pipeline.cache import PreprocessConfig
-from pipeline.errors import CaseError
-from pipeline.nifti import MODALITIES, CaseFiles, RawCase, read_case, source_records
-
-
-def preprocess_raw(raw: RawCase) -> tuple[np.ndarray, np.ndarray | None, T.Box, list[float], list[float]]:
-    """Crop to the brain and z-score; shared with prediction.
-
-    The crop box is the bounding box of the brain mask (non-zero in any
-    modality) joined with any labelled voxel, so no tumour is ever cut off.
-
-    Returns:
-        ((4, x, y, z) float32 z-scored image, (x, y, z) uint8 classes or None,
-        box in the original grid, per-modality means, per-modality stds).
-
-    Raises:
-        CaseError: empty or constant modality (names the file).
-    """
-    files = raw.files
-    mask = T.brain_mask(raw.images)
-    try:
-        box = T.bounding_box(mask if raw.seg is None else mask | (raw.seg != 0))
-        image, means, stds = T.zscore(T.crop(raw.images, box), T.crop(mask, box))
-    except T.TransformError as exc:
-        path = files.images[exc.channel] if exc.channel is not None else files.folder
-        raise CaseError(files.case_id, str(path), str(exc)) from exc
-    label = None
-    if raw.seg is not None:
-        label = T.map_labels(np.ascontiguousarray(T.crop(raw.seg, box)), files.edition.label_map)
-    return image, label, box, means, stds
+from pipeline.brats import MODALITIES
+from pipeline.nifti import CaseFiles, read_case, source_records
 
 
 def preprocess_case(
@@ -50,7 +23,7 @@ def preprocess_case(
     """
     sources = source_records(files)
     raw = read_case(files)
-    image, label, box, means, stds = preprocess_raw(raw)
+    image, label, box, means, stds = T.preprocess_raw(raw)
     indices: dict[int, np.ndarray] = {}
     counts: dict[str, int] = {}
     if label is not None:

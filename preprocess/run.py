@@ -91,6 +91,8 @@ def run_preprocess(
         raise ConfigError(f"jobs must be >= 1, or -1 for all cores; got {jobs}")
     raw_dir = Path(raw_dir)
     found = discover_cases(raw_dir)  # fails on a missing folder before anything is created
+    if not found:
+        raise ConfigError(f"no BraTS case folders found under {raw_dir} (nothing to preprocess)")
     cache_dir = cache.cache_dir_for(cache_root, name or raw_dir.resolve().name, cfg)
     summary = Summary(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -118,11 +120,12 @@ def run_preprocess(
                 tqdm.write(f"FAILED {error}", file=sys.stderr)
     finally:
         # also on Ctrl-C: the manifest lists exactly the cases that are complete on disk
-        _finish(summary, raw_dir, name or raw_dir.resolve().name, cfg, t0)
+        _finish(summary, raw_dir, name or raw_dir.resolve().name, cfg, t0, {f.case_id for f in found})
     return summary
 
 
-def _finish(summary: Summary, raw_dir: Path, name: str, cfg: cache.PreprocessConfig, t0: float) -> None:
+def _finish(summary: Summary, raw_dir: Path, name: str, cfg: cache.PreprocessConfig, t0: float,
+            source_ids: set[str]) -> None:
     """Write the manifest and fill in size and time."""
     content: dict[str, Any] = {
         "name": name,
@@ -132,7 +135,7 @@ def _finish(summary: Summary, raw_dir: Path, name: str, cfg: cache.PreprocessCon
         "failed": dict(sorted(summary.failed.items())),
         "record": run_record(),
     }
-    cache.write_manifest(summary.cache_dir, content)
+    cache.write_manifest(summary.cache_dir, content, source_ids)
     summary.written.sort()
     summary.bytes_on_disk = _size(summary.cache_dir)
     summary.seconds = time.perf_counter() - t0

@@ -76,7 +76,8 @@ def tiny_cache(synthetic_master: Path, tmp_path_factory: pytest.TempPathFactory)
 
 def make_2023_case(root: Path, tmp: Path) -> Path:
     """A synthetic case in BraTS 2023 naming (``BraTS-GLI-00002-000-t2f.nii.gz`` ...), 3 for enhancing tumour."""
-    from pipeline.nifti import BRATS_AFFINE, MODALITIES, save_volume
+    from pipeline.brats import MODALITIES
+    from pipeline.nifti import BRATS_AFFINE, save_volume
 
     src = generate_dataset(tmp, 1, seed=4, shape=TINY, gz=True, prefix="x")[0]
     dst = root / "BraTS-GLI-00002-000"

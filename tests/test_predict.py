@@ -15,9 +15,10 @@ import torch
 
 from pipeline.cache import PreprocessConfig
 from pipeline.model import ModelConfig, build_model
-from pipeline.nifti import EDITION_BY_NAME, discover_cases, read_case
+from pipeline.brats import EDITION_BY_NAME
+from pipeline.nifti import discover_cases, read_case
 from pipeline.synthetic import generate_dataset
-from preprocess.case import preprocess_raw
+from pipeline.transforms import preprocess_raw
 from preprocess.run import run_preprocess
 from tests.conftest import REPO, TINY, TINY_CFG, make_2023_case, real_dir
 from train.checkpoint import save_checkpoint
@@ -26,7 +27,6 @@ from train.predict import (
     PredictConfig,
     Predictor,
     load_raw_input,
-    postprocess_et,
     predict_case,
     run_predict,
     to_raw_labels,
@@ -111,16 +111,6 @@ def test_label_mapping_per_edition(edition: str, et: int) -> None:
     assert raw.sum() == 1 + 2 + et
 
 
-def test_postprocess_relabels_small_et() -> None:
-    label = np.zeros((8, 8, 8), np.uint8)
-    label[2:6, 2:6, 2:6] = 2
-    label[3, 3, 3:5] = 3  # 2 ET voxels
-    out = postprocess_et(label, threshold=5)
-    assert not (out == 3).any() and (out[3, 3, 3:5] == 1).all() and (label == 3).sum() == 2
-    assert postprocess_et(label, threshold=2) is label  # at the threshold: kept
-    assert postprocess_et(label, threshold=0) is label  # off
-
-
 def test_raw_and_cached_input_give_identical_predictions(raw_dir: Path, tmp_path: Path) -> None:
     ckpt = tiny_checkpoint(tmp_path / "run" / "best.pt")
     summary = run_preprocess(raw_dir, tmp_path / "cache", TINY_CFG, jobs=1, progress=False)
@@ -185,3 +175,18 @@ def test_predict_cli_end_to_end(raw_dir: Path, tmp_path: Path) -> None:
     assert record["written"] == ids and list(record["failed"]) == ["BraTS20_Training_009"]
     assert record["settings"]["et_threshold"] == 10 and record["probability_channels"] == ["WT", "TC", "ET"]
     assert _cli("--help").returncode == 0
+
+
+def test_prediction_never_reads_the_label_map(raw_dir: Path, tmp_path: Path) -> None:
+    ckpt = tiny_checkpoint(tmp_path / "model.pt")
+    cid = "BraTS20_Training_001"
+    clean = run_predict(ckpt, tmp_path / "clean", CPU, input_dir=raw_dir, case_ids=[cid], progress=False)
+    seg = raw_dir / cid / f"{cid}_seg.nii.gz"
+    tumour_far_out = np.zeros(TINY, np.uint8)
+    tumour_far_out[0, 0, 0] = 7  # not a BraTS label, and outside the brain: would change a seg-based crop
+    nib.save(nib.Nifti1Image(tumour_far_out, nib.load(seg).affine), seg)
+    broken = run_predict(ckpt, tmp_path / "broken", CPU, input_dir=raw_dir, case_ids=[cid], progress=False)
+    assert clean.ok and broken.ok, broken.failed
+    a = np.asanyarray(nib.load(tmp_path / "clean" / f"{cid}.nii.gz").dataobj)
+    b = np.asanyarray(nib.load(tmp_path / "broken" / f"{cid}.nii.gz").dataobj)
+    np.testing.assert_array_equal(a, b)

@@ -17,6 +17,7 @@ import zarr
 from pipeline import transforms as T
 from pipeline.cache import PreprocessConfig, complete_cases, open_cache, open_case
 from pipeline.cache.check import verify
+from pipeline.cache.store import PAUSE_ENV
 from pipeline.nifti import BRATS_AFFINE, discover_cases, save_volume
 from pipeline.synthetic import generate_dataset
 from preprocess.run import run_preprocess
@@ -144,15 +145,17 @@ def test_each_broken_case_is_reported_and_good_cases_land(tmp_path: Path) -> Non
 
 def _interrupt_mid_case(raw: Path, cache_root: Path, seed: int, sig: int) -> subprocess.Popen[str]:
     """Start ``python -m preprocess`` on 3 cases and send ``sig`` while a case is being written."""
-    generate_dataset(raw, 3, seed=seed, shape=(112, 112, 80))
+    generate_dataset(raw, 3, seed=seed, shape=TINY)
+    flag = cache_root.parent / f"paused-{seed}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "preprocess", str(raw), "--cache-dir", str(cache_root), "--jobs", "1",
          "--no-progress", "--codec", "zstd", "--clevel", "9"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, PAUSE_ENV: str(flag)},
     )
-    deadline = time.time() + 60
-    while time.time() < deadline and not list(cache_root.glob("*/.*.zarr.tmp-*/image")):
-        time.sleep(0.005)
+    while not flag.exists():  # the writer blocks half-way through its first case until signalled
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.01)
     os.killpg(proc.pid, sig)
     return proc
 
@@ -237,6 +240,32 @@ def test_ctrl_c_keeps_complete_cases_and_says_so(tmp_path: Path) -> None:
     assert manifest["cases"] == complete_cases(cache_dir) and len(manifest["cases"]) < 3
     visible = sorted(p.name for p in cache_dir.glob("*.zarr") if not p.name.startswith("."))
     assert visible == [f"{c}.zarr" for c in manifest["cases"]]
+
+
+def test_symlinked_case_folders_are_cached_and_an_empty_folder_is_an_error(raw_dir: Path, tmp_path: Path) -> None:
+    split = tmp_path / "split"
+    split.mkdir()
+    for case in sorted(raw_dir.iterdir())[:2]:
+        (split / case.name).symlink_to(case, target_is_directory=True)
+    (split / "loop").symlink_to(split, target_is_directory=True)  # a cycle is visited once
+    summary = run_preprocess(split, tmp_path / "c", TINY_CFG, jobs=1, progress=False)
+    assert summary.ok and summary.written == ["BraTS20_Training_001", "BraTS20_Training_002"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = subprocess.run([sys.executable, "-m", "preprocess", str(empty), "--cache-dir", str(tmp_path / "c2")],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "no BraTS case folders" in res.stderr
+    assert not (tmp_path / "c2").exists()
+
+
+def test_manifest_drops_cases_whose_raw_folder_is_gone(raw_dir: Path, tmp_path: Path) -> None:
+    first = run_preprocess(raw_dir, tmp_path / "c", TINY_CFG, jobs=1, progress=False)
+    shutil.rmtree(raw_dir / "BraTS20_Training_003")
+    again = run_preprocess(raw_dir, tmp_path / "c", TINY_CFG, jobs=1, progress=False)
+    info = open_cache(again.cache_dir)
+    assert again.cache_dir == first.cache_dir and info.case_ids == ["BraTS20_Training_001", "BraTS20_Training_002"]
+    assert info.manifest["orphaned"] == ["BraTS20_Training_003"]
+    assert "BraTS20_Training_003" in complete_cases(again.cache_dir)  # kept on disk, not lost
 
 
 def test_bad_arguments_create_nothing(tmp_path: Path) -> None:

@@ -12,7 +12,8 @@ import pytest
 from scipy import ndimage
 
 from pipeline.errors import ConfigError
-from pipeline.nifti import BRATS_AFFINE, MODALITIES, discover_cases, read_case
+from pipeline.brats import MODALITIES
+from pipeline.nifti import BRATS_AFFINE, discover_cases, read_case
 from pipeline.synthetic import generate_dataset, main, make_case
 
 REPO = Path(__file__).resolve().parents[1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -17,13 +18,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from preprocess.run import run_preprocess
 from pipeline.cache import PreprocessConfig
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, ConfigError
 from train.checkpoint import load_checkpoint, model_from_checkpoint
-from train.config import TrainConfig
+from train.config import RECIPE_POSTPROCESSING, RECIPES, TrainConfig, resolve
+from train.predict import load_postprocessing
 from train.trainer import fit
 from tests.conftest import REPO, real_dir
 
-FAST = dict(patch_size=(16, 16, 16), batch_size=2, n_folds=3, p_fg=1.0, workers=1, val_overlap=0.25)
+FAST = dict(preset="small", patch_size=(16, 16, 16), batch_size=2, n_folds=3, p_fg=1.0, workers=1, val_overlap=0.25)
 
 
 def test_a_few_steps_reduce_the_loss(tiny_cache, tmp_path: Path) -> None:
@@ -61,7 +63,7 @@ def test_checkpoint_rebuilds_its_model_with_weights_only(tiny_cache, tmp_path: P
 
 def _train_cli(cache_dir: Path, run_dir: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "train", "--cache-dir", str(cache_dir), "--run-dir", str(run_dir),
-            "--patch-size", "16", "16", "16", "--n-folds", "3", "--epochs", "3", "--iters-per-epoch", "3",
+            "--preset", "small", "--patch-size", "16", "16", "16", "--n-folds", "3", "--epochs", "3", "--iters-per-epoch", "3",
             "--workers", "1", "--val-overlap", "0.25", "--no-progress", *extra]
 
 
@@ -112,3 +114,86 @@ def test_resume_without_checkpoint_and_bad_checkpoint_are_clear_errors(tiny_cach
         load_checkpoint(not_a_checkpoint)
     with pytest.raises(CheckpointError, match="no best.pt or last.pt"):
         load_checkpoint(tmp_path)
+
+
+def _scalars(run: Path, tag: str) -> list[float]:
+    return [e.value for e in EventAccumulator(str(run / "tb")).Reload().Scalars(tag)]
+
+
+def test_fold_all_trains_on_every_case_and_keeps_the_final_weights(tiny_cache, tmp_path: Path) -> None:
+    cache_dir, ids = tiny_cache
+    fast = {k: v for k, v in FAST.items() if k != "n_folds"}
+    cfg = TrainConfig(cache_dir=str(cache_dir), run_dir=str(tmp_path / "run"), fold="all", epochs=2,
+                      iters_per_epoch=2, **fast)
+    result = fit(cfg, progress=False)
+    assert result["step"] == 4 and "Dice_WT" not in result  # nothing to validate on
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert split["train"] == ids and split["val"] == [] and split["fold"] == "all"
+    assert not (tmp_path / "run" / "best.pt").exists()
+    assert load_checkpoint(tmp_path / "run")["path"].endswith("last.pt")
+    assert load_postprocessing(tmp_path / "run") == RECIPE_POSTPROCESSING["cpu"]
+    with pytest.raises(ConfigError, match="no --n-folds"):
+        TrainConfig(cache_dir="c", run_dir="r", fold="all", n_folds=5)
+    with pytest.raises(ConfigError, match="fold"):
+        TrainConfig(cache_dir="c", run_dir="r", fold="some")
+
+
+def test_time_budget_stops_training_and_resume_continues_its_schedule(tiny_cache, tmp_path: Path) -> None:
+    cache_dir, _ = tiny_cache
+    run = tmp_path / "run"
+    cfg = TrainConfig(cache_dir=str(cache_dir), run_dir=str(run), fold="all", epochs=10_000, iters_per_epoch=5,
+                      time_budget=0.05, optimizer="adam", lr=1e-3, schedule="cosine",
+                      **{k: v for k, v in FAST.items() if k != "n_folds"})
+    first = fit(cfg, progress=False)
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert 0 < first["step"] < 50_000 and state["elapsed_s"] >= 3.0  # stopped by the clock, not the step count
+    lrs = _scalars(run, "train/lr")
+    assert len(lrs) == first["step"] and lrs[0] == pytest.approx(1e-3, rel=0.05)
+    assert all(b <= a for a, b in zip(lrs, lrs[1:])) and lrs[-1] < 0.5e-3  # cosine over the budget
+    again = fit(cfg, resume=True, progress=False)
+    assert again["step"] == first["step"]  # the budget is spent: nothing more to do
+    longer = fit(dataclasses.replace(cfg, time_budget=0.1), resume=True, progress=False)
+    resumed_lrs = _scalars(run, "train/lr")[first["step"]:]
+    assert longer["step"] > first["step"] and longer["elapsed_s"] >= 6.0
+    # the schedule continues from the share of the (longer) budget already spent: about half way
+    assert 1e-4 < resumed_lrs[0] < 0.75e-3
+
+
+def test_time_budget_too_small_for_one_step_is_a_clear_error(tiny_cache, tmp_path: Path) -> None:
+    cache_dir, _ = tiny_cache
+    res = subprocess.run(_train_cli(cache_dir, tmp_path / "run", "--time-budget", "0.000001"), cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "too small" in res.stderr
+    both = subprocess.run(_train_cli(cache_dir, tmp_path / "run2", "--fold", "all"), cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert both.returncode == 2 and "no --n-folds" in both.stderr
+
+
+def test_resume_keeps_the_split_and_refuses_changed_settings(tiny_cache, tmp_path: Path) -> None:
+    cache_dir, _ = tiny_cache
+    run = tmp_path / "run"
+    cfg = TrainConfig(cache_dir=str(cache_dir), run_dir=str(run), epochs=1, iters_per_epoch=1, **FAST)
+    fit(cfg, progress=False)
+    state = torch.load(run / "last.pt", weights_only=True)
+    state["split"] = {**state["split"], "train": state["split"]["train"][:1]}  # as if the cache had changed since
+    torch.save(state, run / "last.pt")
+    fit(dataclasses.replace(cfg, epochs=2), resume=True, progress=False)  # epochs may grow
+    assert json.loads((run / "split.json").read_text())["train"] == state["split"]["train"]
+    with pytest.raises(CheckpointError, match=r"seed: 0 -> 1"):
+        fit(dataclasses.replace(cfg, epochs=3, seed=1), resume=True, progress=False)
+    with pytest.raises(CheckpointError, match="another model"):
+        fit(dataclasses.replace(cfg, epochs=3, preset="seed"), resume=True, progress=False)
+    with pytest.raises(CheckpointError, match="epochs may only grow"):
+        fit(dataclasses.replace(cfg, epochs=1), resume=True, progress=False)
+
+
+def test_defaults_follow_the_device() -> None:
+    cpu = resolve(TrainConfig(cache_dir="c", run_dir="r"), "cpu", cpu_bf16=True)
+    assert (cpu.preset, cpu.patch_size, cpu.optimizer) == (RECIPES["cpu"]["preset"], RECIPES["cpu"]["patch_size"],
+                                                           RECIPES["cpu"]["optimizer"])
+    assert cpu.amp == "bf16" and cpu.channels_last and cpu.n_folds == 5
+    assert resolve(TrainConfig(cache_dir="c", run_dir="r"), "cpu", cpu_bf16=False).amp == "none"
+    cuda = resolve(TrainConfig(cache_dir="c", run_dir="r", batch_size=4), "cuda", cpu_bf16=False)
+    assert (cuda.preset, cuda.patch_size, cuda.batch_size, cuda.amp) == ("brats", (128, 128, 128), 4, "bf16")
+    with pytest.raises(ConfigError, match="fp16 needs CUDA"):
+        resolve(TrainConfig(cache_dir="c", run_dir="r", amp="fp16"), "cpu", cpu_bf16=True)

@@ -9,7 +9,7 @@ from dataclasses import fields
 
 from pipeline.errors import PipelineError
 from pipeline.model import PRESETS
-from train.config import AMP, LOADERS, OPTIMIZERS, TrainConfig
+from train.config import AMP, LOADERS, OPTIMIZERS, RECIPES, SCHEDULES, TrainConfig
 
 
 def _bool(text: str) -> bool:
@@ -24,39 +24,60 @@ CHOICES = {
     "preset": list(PRESETS),
     "loss_mode": ["regions", "classes"],
     "optimizer": list(OPTIMIZERS),
+    "schedule": list(SCHEDULES),
     "amp": list(AMP),
     "loader": list(LOADERS),
 }
 
+RECIPE = "default: the device's recipe"
+
 HELP = {
     "cache_dir": "keyed cache directory, or a cache root holding exactly one cache",
     "run_dir": "where checkpoints, TensorBoard logs and the run record go",
-    "preset": "model preset: seed (the write-up's U-Net), small (CPU), brats (GPU, nnU-Net-sized)",
+    "preset": "model preset: seed (the write-up's U-Net), small (CPU demo), medium (CPU-budget recipe), "
+              f"brats (GPU, nnU-Net-sized); {RECIPE}",
     "loss_mode": "regions (sigmoid WT/TC/ET, Dice+BCE, as nnU-Net for BraTS) or classes (softmax, Dice+CE)",
     "deep_supervision": "true/false; default: the preset's",
-    "patch_size": "patch size in voxels per axis",
-    "iters_per_epoch": "optimisation steps per epoch",
-    "optimizer": "sgd (Nesterov, momentum 0.99, poly LR) or adamw (poly LR)",
-    "p_fg": "share of patches centred on a tumour voxel",
+    "patch_size": f"patch size in voxels per axis; {RECIPE}",
+    "batch_size": f"patches per step; {RECIPE}",
+    "epochs": f"epochs (a checkpoint after each); {RECIPE}",
+    "iters_per_epoch": f"optimisation steps per epoch; {RECIPE}",
+    "time_budget": "stop training when this many minutes are spent (the clock is checked before each step; "
+                   "validation and checkpoints count against it) and run the learning-rate schedule over the "
+                   "elapsed share of the budget; --resume continues the same budget",
+    "optimizer": f"sgd (Nesterov, momentum 0.99), adam or adamw; {RECIPE}",
+    "lr": f"initial learning rate; {RECIPE}",
+    "schedule": f"learning-rate decay to 0 over the steps (or the time budget): poly (exponent 0.9) or cosine; "
+                f"{RECIPE}",
+    "p_fg": f"share of patches centred on a tumour voxel; {RECIPE}",
     "augment": "flips on all axes, intensity scale/shift, Gaussian noise",
     "spatial_augment": "small rotations and scaling, batched on the device",
-    "fold": "validation fold, 0 .. n-folds - 1 (k-fold split by case id)",
-    "n_folds": "number of folds of the split",
-    "lr": "initial learning rate (poly decay to 0 over all steps)",
+    "fold": "validation fold, 0 .. n-folds - 1 (k-fold split by case id), or 'all': train on every labelled "
+            "case, no validation; the final weights (last.pt) are the model",
+    "n_folds": "number of folds of the split (default 5; not with --fold all)",
     "weight_decay": "weight decay",
     "seed": "seed of patches, augmentation and initial weights",
-    "batch_size": "patches per step",
-    "epochs": "epochs (a checkpoint after each)",
     "val_overlap": "overlap of sliding windows at validation",
     "device": "auto (CUDA if present), cpu, cuda, cuda:N",
-    "amp": "mixed precision on CUDA: bf16, fp16 (with a grad scaler) or none",
+    "amp": "autocast: bf16, fp16 (CUDA only, with a grad scaler) or none; default: bf16 on CUDA and on CPUs "
+           "with native bf16 (AMX/AVX512-BF16), else none",
     "compile": "torch.compile the model",
-    "channels_last": "channels-last-3d memory format",
+    "channels_last": "channels-last-3d memory format; default: on for bf16 on a CPU",
     "loader": "threads (thread pool in this process) or processes (torch DataLoader workers)",
     "workers": "loader threads or processes",
     "val_every": "validate every N epochs",
     "max_val_cases": "validate on at most N held-out cases (0: all)",
 }
+
+TYPES = {"int": int, "float": float, "str": str}
+
+
+def _recipes() -> str:
+    rows = []
+    for name, r in RECIPES.items():
+        rows.append(f"{name}: preset {r['preset']}, patch {'x'.join(map(str, r['patch_size']))}, batch "
+                    f"{r['batch_size']}, {r['optimizer']} lr {r['lr']:g} {r['schedule']}, p_fg {r['p_fg']}")
+    return "; ".join(rows)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a 3D U-Net on random patches read from a preprocessed Zarr cache, validating "
         "on held-out cases by sliding-window inference (Dice per BraTS region). Checkpoints, settings, "
         "split and TensorBoard logs go to --run-dir.",
+        epilog="Recipes (used for every setting not given): " + _recipes() + ".",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for f in fields(TrainConfig):
@@ -73,11 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name in ("cache_dir", "run_dir"):
             p.add_argument(flag, required=True, default=argparse.SUPPRESS, help=text)
         elif f.name == "patch_size":
-            p.add_argument(flag, type=int, nargs=3, default=list(f.default), metavar=("X", "Y", "Z"), help=text)
+            p.add_argument(flag, type=int, nargs=3, default=None, metavar=("X", "Y", "Z"), help=text)
         elif f.type in ("bool", "bool | None"):
             p.add_argument(flag, type=_bool, default=f.default, metavar="{true,false}", help=text)
         else:
-            kind = type(f.default) if f.default is not None else str
+            kind = str if f.name == "fold" else TYPES.get(str(f.type).split(" |")[0], str)
             p.add_argument(flag, type=kind, default=f.default, choices=CHOICES.get(f.name), help=text)
     p.add_argument("--resume", action="store_true", help="continue from RUN/last.pt exactly where it stopped")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

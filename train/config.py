@@ -1,15 +1,51 @@
-"""Training settings: one frozen dataclass, validated, serialised into the run dir and every checkpoint."""
+"""Training settings: one frozen dataclass, validated, serialised into the run dir and every checkpoint.
+
+Fields left at ``None`` are filled from the *recipe* of the training device
+(:data:`RECIPES`, see :func:`resolve`): with no preset, patch, batch or
+optimiser flags, a CPU trains the project's CPU-budget recipe and CUDA the
+full ``brats`` recipe. The resolved config (no ``None`` left but
+``time_budget``) is what a run stores.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 from pipeline.config import Config
 from pipeline.errors import ConfigError
+from pipeline.postprocess import PostProcessing
 
-OPTIMIZERS = ("sgd", "adamw")
+OPTIMIZERS = ("sgd", "adamw", "adam")
+SCHEDULES = ("poly", "cosine")
 AMP = ("none", "bf16", "fp16")
 LOADERS = ("threads", "processes")
+ALL = "all"
+
+#: The defaults of each device, chosen by measurement (docs/benchmarks.md, "Quality on real cases").
+RECIPES: dict[str, dict[str, Any]] = {
+    # CPU: the best recipe under a 35-minute budget on 2 cores (found by 2-fold cross-validation
+    # on the 8 real cases; bf16 autocast with channels-last runs 2.4x faster on CPUs with AMX/AVX512-BF16).
+    "cpu": dict(preset="medium", patch_size=(96, 96, 96), batch_size=2, optimizer="adam", lr=1e-3,
+                schedule="cosine", p_fg=0.5, epochs=1000, iters_per_epoch=50),
+    # CUDA: nnU-Net's 3d_fullres recipe for BraTS (1000 epochs x 250 steps, SGD 0.01, poly).
+    "cuda": dict(preset="brats", patch_size=(128, 128, 128), batch_size=2, optimizer="sgd", lr=0.01,
+                 schedule="poly", p_fg=0.33, epochs=1000, iters_per_epoch=250),
+}
+
+#: Post-processing a run of each recipe starts with (``RUN/postprocessing.json``), chosen by
+#: cross-validation of that recipe on the real cases; ``python -m train.postprocess`` replaces it
+#: with a choice made on a user's own folds.
+RECIPE_POSTPROCESSING: dict[str, PostProcessing] = {
+    "cpu": PostProcessing(),
+    "cuda": PostProcessing(),
+}
+
+
+def recipe_name(device_type: str) -> str:
+    """The recipe a device trains by default: "cuda" or "cpu"."""
+    return "cuda" if device_type == "cuda" else "cpu"
 
 
 @dataclass(frozen=True)
@@ -18,41 +54,49 @@ class TrainConfig(Config):
 
     Data: ``cache_dir`` (a keyed cache), ``patch_size`` (voxels per axis),
     ``batch_size``, ``p_fg`` (share of tumour-centred patches), ``fold`` of
-    ``n_folds`` (validation split by case id), ``augment`` (flips, intensity,
-    noise), ``spatial_augment`` (small rotations and scaling, on the device).
+    ``n_folds`` (validation split by case id; ``"all"``: every labelled case
+    trains, no validation, as nnU-Net's ``all``), ``augment`` (flips,
+    intensity, noise), ``spatial_augment`` (small rotations and scaling, on
+    the device).
     Model: ``preset``, ``loss_mode`` ("regions": sigmoid WT/TC/ET, Dice+BCE;
     "classes": softmax, Dice+CE), ``deep_supervision`` (None: the preset's).
     Optimisation: ``optimizer`` ("sgd": Nesterov, momentum 0.99 as nnU-Net;
-    "adamw"), ``lr``, ``weight_decay``, poly schedule (exponent 0.9) over
-    ``epochs`` × ``iters_per_epoch`` steps, ``amp`` (CUDA only), ``compile``,
-    ``channels_last``. Loading: ``loader`` ("threads": a thread pool in the
-    training process; "processes": a torch DataLoader), ``workers``.
+    "adam", "adamw"), ``lr``, ``weight_decay``, ``schedule`` ("poly",
+    exponent 0.9, or "cosine") over ``epochs`` x ``iters_per_epoch`` steps or,
+    with ``time_budget`` (minutes), over the elapsed share of the budget,
+    whichever is further; ``amp`` (bf16 on CUDA, and on CPUs with bf16
+    support), ``compile``, ``channels_last``.
+    Loading: ``loader`` ("threads": a thread pool in the training process;
+    "processes": a torch DataLoader), ``workers``.
     Validation: every ``val_every`` epochs, sliding window with ``val_overlap``
     on at most ``max_val_cases`` held-out cases (0: all).
+    ``None`` means "the device's recipe" (see :func:`resolve`).
     """
 
     cache_dir: str
     run_dir: str
-    preset: str = "small"
+    preset: str | None = None
     loss_mode: str = "regions"
     deep_supervision: bool | None = None
-    patch_size: tuple[int, int, int] = (128, 128, 128)
-    batch_size: int = 2
-    epochs: int = 100
-    iters_per_epoch: int = 250
-    optimizer: str = "sgd"
-    lr: float = 0.01
+    patch_size: tuple[int, int, int] | None = None
+    batch_size: int | None = None
+    epochs: int | None = None
+    iters_per_epoch: int | None = None
+    time_budget: float | None = None
+    optimizer: str | None = None
+    lr: float | None = None
+    schedule: str | None = None
     weight_decay: float = 3e-5
-    p_fg: float = 0.33
+    p_fg: float | None = None
     augment: bool = True
     spatial_augment: bool = False
-    fold: int = 0
-    n_folds: int = 5
+    fold: int | str = 0
+    n_folds: int | None = None
     seed: int = 0
     device: str = "auto"
-    amp: str = "bf16"
+    amp: str | None = None
     compile: bool = False
-    channels_last: bool = False
+    channels_last: bool | None = None
     loader: str = "threads"
     workers: int = 2
     val_every: int = 1
@@ -60,20 +104,32 @@ class TrainConfig(Config):
     max_val_cases: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+        if self.patch_size is not None:
+            object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+        fold = self.fold
+        if isinstance(fold, str) and fold != ALL:
+            if not fold.isdigit():
+                raise ConfigError(f"invalid fold: {fold!r} (a fold number or 'all')")
+            object.__setattr__(self, "fold", int(fold))
+        if self.fold == ALL and self.n_folds is not None:
+            raise ConfigError(f"--fold all trains on every case; it takes no --n-folds (got {self.n_folds})")
+        n_folds = 5 if self.n_folds is None else self.n_folds
         checks = [
-            (len(self.patch_size) == 3 and min(self.patch_size) >= 8, "patch_size", self.patch_size),
-            (self.batch_size >= 1, "batch_size", self.batch_size),
-            (self.epochs >= 1, "epochs", self.epochs),
-            (self.iters_per_epoch >= 1, "iters_per_epoch", self.iters_per_epoch),
-            (self.optimizer in OPTIMIZERS, "optimizer", self.optimizer),
-            (self.lr > 0, "lr", self.lr),
-            (0.0 <= self.p_fg <= 1.0, "p_fg", self.p_fg),
-            (self.n_folds >= 2, "n_folds (>= 2)", self.n_folds),
-            (0 <= self.fold < self.n_folds, f"fold (0 .. {self.n_folds - 1})", self.fold),
+            (self.patch_size is None or (len(self.patch_size) == 3 and min(self.patch_size) >= 8),
+             "patch_size", self.patch_size),
+            (self.batch_size is None or self.batch_size >= 1, "batch_size", self.batch_size),
+            (self.epochs is None or self.epochs >= 1, "epochs", self.epochs),
+            (self.iters_per_epoch is None or self.iters_per_epoch >= 1, "iters_per_epoch", self.iters_per_epoch),
+            (self.time_budget is None or self.time_budget > 0, "time_budget (minutes, > 0)", self.time_budget),
+            (self.optimizer is None or self.optimizer in OPTIMIZERS, "optimizer", self.optimizer),
+            (self.schedule is None or self.schedule in SCHEDULES, "schedule", self.schedule),
+            (self.lr is None or self.lr > 0, "lr", self.lr),
+            (self.p_fg is None or 0.0 <= self.p_fg <= 1.0, "p_fg", self.p_fg),
+            (n_folds >= 2, "n_folds (>= 2)", self.n_folds),
+            (self.fold == ALL or 0 <= int(self.fold) < n_folds, f"fold (0 .. {n_folds - 1} or 'all')", self.fold),
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
              "device (auto, cpu, cuda, cuda:N)", self.device),
-            (self.amp in AMP, "amp", self.amp),
+            (self.amp is None or self.amp in AMP, "amp", self.amp),
             (self.loader in LOADERS, "loader", self.loader),
             (self.workers >= 0, "workers", self.workers),
             (self.val_every >= 1, "val_every", self.val_every),
@@ -86,4 +142,32 @@ class TrainConfig(Config):
 
     @property
     def total_steps(self) -> int:
+        if self.epochs is None or self.iters_per_epoch is None:
+            raise ConfigError("total_steps of an unresolved TrainConfig (call train.config.resolve first)")
         return self.epochs * self.iters_per_epoch
+
+
+def resolve(cfg: TrainConfig, device_type: str, cpu_bf16: bool) -> TrainConfig:
+    """Fill every ``None`` from the recipe of ``device_type`` ("cpu" or "cuda").
+
+    Args:
+        cfg: as given by the user.
+        device_type: where the run trains.
+        cpu_bf16: whether this CPU runs bf16 convolutions natively (AMX or
+            AVX512-BF16); decides ``amp`` and ``channels_last`` on the CPU.
+
+    Raises:
+        ConfigError: fp16 autocast asked for on a CPU.
+    """
+    recipe = RECIPES[recipe_name(device_type)]
+    fill = {k: v for k, v in recipe.items() if getattr(cfg, k) is None}
+    if cfg.amp is None:
+        fill["amp"] = "bf16" if device_type == "cuda" or cpu_bf16 else "none"
+    if cfg.channels_last is None:
+        fill["channels_last"] = device_type != "cuda" and fill.get("amp", cfg.amp) == "bf16"
+    if cfg.n_folds is None and cfg.fold != ALL:
+        fill["n_folds"] = 5
+    out = dataclasses.replace(cfg, **fill)
+    if device_type != "cuda" and out.amp == "fp16":
+        raise ConfigError("amp fp16 needs CUDA; on a CPU use bf16 or none")
+    return out

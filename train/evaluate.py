@@ -36,6 +36,7 @@ from tqdm import tqdm
 from pipeline import nifti
 from pipeline import transforms as T
 from pipeline.cache import open_cache, open_case
+from pipeline.device import resolve_device
 from pipeline.errors import CaseError, CheckpointError, PipelineError
 from pipeline.metrics import REGIONS, evaluate_case, summarise
 from pipeline.provenance import run_record
@@ -272,7 +273,7 @@ def evaluate_run(run_dir: str | Path, cfg: P.PredictConfig | None = None, *, cac
     state = load_checkpoint(run_dir)
     ids = _validation_ids(state, run_dir)
     cache = Path(cache_dir or state.get("train_config", {}).get("cache_dir", ""))
-    predictor = P.load_predictor(state, P.resolve_device(cfg.device))
+    predictor = P.load_predictor(state, resolve_device(cfg.device))
     pred_dir = run_dir / "predictions" / "val"
     done = P.predict_cases(predictor, P.cache_sources(cache, ids), pred_dir, cfg, progress)
     P.write_record(done, predictor, cfg, str(cache))

@@ -1,10 +1,12 @@
 """``python -m train.predict``: segment BraTS cases with a trained checkpoint.
 
 Per case: read and validate (:mod:`pipeline.nifti`), crop and z-score exactly
-as the cache does (:func:`preprocess.case.preprocess_raw`), Gaussian-weighted
+as the cache does (:func:`pipeline.transforms.preprocess_raw`), Gaussian-weighted
 sliding-window inference over the cropped brain (:mod:`pipeline.inference`),
-classes 0..3, optional small-ET relabelling, uncrop, raw BraTS labels of the
-case's edition (ET = 4 for 2018-2021, 3 for 2023). Outputs in OUT:
+classes 0..3, the run's post-processing (``RUN/postprocessing.json``, chosen by
+cross-validation, see :mod:`pipeline.postprocess`; ``--no-postprocessing``
+turns it off), uncrop, raw BraTS labels of the case's edition (ET = 4 for
+2018-2021, 3 for 2023). Outputs in OUT:
 
 * ``<case_id>.nii.gz``: (X, Y, Z) uint8 raw labels with the input's affine and
   header (cache input: the stored affine), so it overlays the input.
@@ -19,6 +21,7 @@ case's edition (ET = 4 for 2018-2021, 3 for 2023). Outputs in OUT:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -26,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -34,19 +37,21 @@ from tqdm import tqdm
 
 from pipeline import transforms as T
 from pipeline.cache import open_cache, open_case
+from pipeline.brats import CHANNEL_NAMES, LOSS_OUTPUT
 from pipeline.config import Config
+from pipeline.device import autocast_dtype, cpu_bf16, resolve_device
 from pipeline.errors import CaseError, CheckpointError, ConfigError, PipelineError
 from pipeline.inference import probs_to_labels, sliding_window_predict
 from pipeline.nifti import CaseFiles, discover_cases, read_case, save_volume
+from pipeline.postprocess import PostProcessing, apply
 from pipeline.provenance import run_record
-from preprocess.case import preprocess_raw
 from train.checkpoint import load_checkpoint, model_from_checkpoint
 
-ET, NCR = 3, 1
+POSTPROCESSING = "postprocessing.json"
 #: Output activation per training loss mode.
 Output = Literal["sigmoid", "softmax"]
-OUTPUT_OF_MODE: dict[str, Output] = {"regions": "sigmoid", "classes": "softmax"}
-CHANNELS = {"sigmoid": ["WT", "TC", "ET"], "softmax": ["background", "NCR", "ED", "ET"]}
+OUTPUT_OF_MODE = cast(dict[str, Output], LOSS_OUTPUT)
+CHANNELS = CHANNEL_NAMES
 RECORD = "predict_record.json"
 #: (case id, where it comes from, loader); a loader raises on a bad case.
 Source = tuple[str, str, Callable[[], "CaseInput"]]
@@ -61,8 +66,11 @@ class PredictConfig(Config):
         batch_size: windows per forward pass.
         mirror: average over all 8 flips of the three spatial axes.
         device: "auto" (CUDA if available), "cpu", "cuda" or "cuda:N".
-        et_threshold: a case with fewer predicted ET voxels than this gets
-            them relabelled as necrosis (BraTS post-processing); 0 is off.
+        postprocess: apply the run's ``postprocessing.json`` (chosen by
+            cross-validation); False writes the network's raw argmax.
+        et_threshold: override the run's ET threshold: a case with fewer
+            predicted ET voxels than this gets them relabelled as necrosis
+            (0 is off; None keeps the run's).
         save_probabilities: also write ``<case_id>_probabilities.nii.gz``.
     """
 
@@ -70,7 +78,8 @@ class PredictConfig(Config):
     batch_size: int = 2
     mirror: bool = False
     device: str = "auto"
-    et_threshold: int = 0
+    postprocess: bool = True
+    et_threshold: int | None = None
     save_probabilities: bool = False
 
     def __post_init__(self) -> None:
@@ -78,7 +87,7 @@ class PredictConfig(Config):
             (0.0 <= self.overlap < 1.0, "overlap", self.overlap),
             (self.batch_size >= 1, "batch_size", self.batch_size),
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device", self.device),
-            (self.et_threshold >= 0, "et_threshold", self.et_threshold),
+            (self.et_threshold is None or self.et_threshold >= 0, "et_threshold", self.et_threshold),
         ]
         for ok, name, value in checks:
             if not ok:
@@ -97,6 +106,8 @@ class Predictor:
     device: torch.device
     checkpoint: str
     step: int
+    autocast: torch.dtype | None = None
+    post: PostProcessing | None = None  # the run's post-processing, if it has one
 
 
 @dataclass
@@ -135,15 +146,6 @@ class PredictSummary:
         return not self.failed
 
 
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> CUDA if available, else CPU; ConfigError for CUDA without a GPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available")
-    return torch.device(name)
-
-
 def load_predictor(state: dict[str, Any], device: torch.device) -> Predictor:
     """Rebuild the network of a loaded checkpoint (see :func:`train.checkpoint.load_checkpoint`).
 
@@ -165,17 +167,51 @@ def load_predictor(state: dict[str, Any], device: torch.device) -> Predictor:
         raise CheckpointError(f"{path}: mode {mode!r} needs {len(CHANNELS[output])} outputs, model has {k}")
     dtype = str(state.get("preprocess_config", {}).get("dtype", "float16"))
     p = (int(patch[0]), int(patch[1]), int(patch[2]))
-    return Predictor(model, output, p, dtype, device, str(path), int(state.get("step", 0)))
+    # bf16 where the hardware runs it natively (as the recipes train), else full precision
+    amp = autocast_dtype(device, "bf16") if device.type == "cuda" or cpu_bf16() else None
+    if amp is not None and device.type == "cpu":
+        model = model.to(memory_format=torch.channels_last_3d)
+    return Predictor(model, output, p, dtype, device, str(path), int(state.get("step", 0)), amp,
+                     load_postprocessing(Path(str(path)).parent))
+
+
+def load_postprocessing(run_dir: Path) -> PostProcessing | None:
+    """``RUN/postprocessing.json``, or None when the run has none.
+
+    Raises:
+        CheckpointError: the file exists but is not valid post-processing settings.
+    """
+    path = run_dir / POSTPROCESSING
+    if not path.is_file():
+        return None
+    try:
+        return PostProcessing.from_dict(json.loads(path.read_text()))
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: not valid post-processing settings: {exc}") from exc
+
+
+def postprocessing_of(predictor: Predictor, cfg: PredictConfig) -> PostProcessing | None:
+    """The post-processing a prediction applies: the run's, with ``cfg``'s override, or none."""
+    if not cfg.postprocess:
+        return None
+    post = predictor.post or PostProcessing()
+    if cfg.et_threshold is not None:
+        post = PostProcessing(post.keep_largest, post.min_component, cfg.et_threshold, post.chosen_on)
+    return post
 
 
 def load_raw_input(files: CaseFiles, input_dtype: str = "float16") -> CaseInput:
     """Read, validate and preprocess one raw case exactly as the cache stage does.
 
+    A label map beside the images is not read: the crop, and so the network
+    input, never depends on ground truth, and a broken label file does not
+    fail a case that needs none.
+
     Raises:
         CaseError: the case cannot be used; the message names case and file.
     """
-    raw = read_case(files)
-    image, _, box, _, _ = preprocess_raw(raw)
+    raw = read_case(dataclasses.replace(files, seg=None))
+    image, _, box, _, _ = T.preprocess_raw(raw)
     # The cache stores images as ``input_dtype`` (float16 by default) and the
     # network was trained on those rounded values: round the same way here.
     image = image.astype(input_dtype).astype(np.float32)
@@ -227,34 +263,11 @@ def cache_sources(cache_dir: str | Path, case_ids: Sequence[str] | None) -> list
 
 def predict_probabilities(predictor: Predictor, image: np.ndarray, cfg: PredictConfig) -> torch.Tensor:
     """(K, x, y, z) float32 CPU probabilities of a (4, x, y, z) float32 image."""
-    cuda = predictor.device.type == "cuda"
     return sliding_window_predict(
         predictor.model, torch.from_numpy(image), patch_size=predictor.patch_size, overlap=cfg.overlap,
         batch_size=cfg.batch_size, mirror_axes=(0, 1, 2) if cfg.mirror else (), device=predictor.device,
-        autocast_dtype=torch.bfloat16 if cuda else None, output=predictor.output,
+        autocast_dtype=predictor.autocast, output=predictor.output,
     )
-
-
-def postprocess_et(label: np.ndarray, threshold: int) -> np.ndarray:
-    """Relabel every ET voxel as necrosis when there are fewer than ``threshold`` (0: off).
-
-    BraTS scores an empty ET prediction on an ET-free case as perfect, so a
-    few false-positive ET voxels cost a whole case (as in nnU-Net's BraTS entry).
-
-    Args:
-        label: (X, Y, Z) uint8 classes 0..3; not modified.
-        threshold: minimum ET voxel count to keep ET.
-
-    Returns:
-        (X, Y, Z) uint8 classes.
-    """
-    et = label == ET
-    n = int(np.count_nonzero(et))
-    if threshold <= 0 or n == 0 or n >= threshold:
-        return label
-    out = label.copy()
-    out[et] = NCR
-    return out
 
 
 def to_raw_labels(label: np.ndarray, case: CaseInput) -> np.ndarray:
@@ -284,7 +297,8 @@ def predict_case(predictor: Predictor, case: CaseInput, out_dir: Path, cfg: Pred
     """Segment one case and write its label file (and probabilities if asked)."""
     probs = predict_probabilities(predictor, case.image, cfg)
     label = probs_to_labels(probs, predictor.output).numpy()
-    path = write_label(out_dir, case, postprocess_et(label, cfg.et_threshold))
+    post = postprocessing_of(predictor, cfg)
+    path = write_label(out_dir, case, apply(label, post) if post else label)
     if cfg.save_probabilities:
         write_probabilities(out_dir, case, probs, predictor.output)
     return path
@@ -323,7 +337,9 @@ def write_record(summary: PredictSummary, predictor: Predictor, cfg: PredictConf
         "checkpoint": predictor.checkpoint, "step": predictor.step, "source": source,
         "output": predictor.output, "probability_channels": CHANNELS[predictor.output],
         "patch_size": list(predictor.patch_size), "device": str(predictor.device),
-        "settings": cfg.to_dict(), "written": summary.written, "failed": summary.failed,
+        "settings": cfg.to_dict(), "postprocessing": (post.to_dict() if (post := postprocessing_of(predictor, cfg))
+                                                      else None),
+        "written": summary.written, "failed": summary.failed,
         "seconds": round(summary.seconds, 3), "seconds_per_case": round(summary.seconds / max(n, 1), 3),
         "record": run_record(),
     }
@@ -362,15 +378,19 @@ def add_inference_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per forward pass (default: %(default)s)")
     g.add_argument("--mirror", action="store_true", help="test-time mirroring over X, Y, Z (8x slower)")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N; bf16 autocast on CUDA (default: %(default)s)")
+    g.add_argument("--no-postprocessing", dest="postprocess", action="store_false",
+                   help="write the network's raw prediction, without the run's post-processing "
+                   "(RUN/postprocessing.json: tumour components, ET threshold)")
     g.add_argument("--et-threshold", type=int, default=d.et_threshold, metavar="N",
-                   help="relabel predicted ET as necrosis when fewer than N voxels (0: off)")
+                   help="override the run's ET threshold: relabel predicted ET as necrosis when fewer than N "
+                   "voxels (0: off; default: the run's)")
 
 
 def config_from_args(args: argparse.Namespace) -> PredictConfig:
     """Build the PredictConfig from parsed flags."""
     return PredictConfig(
         overlap=args.overlap, batch_size=args.batch_size, mirror=args.mirror, device=args.device,
-        et_threshold=args.et_threshold, save_probabilities=getattr(args, "save_probabilities", False),
+        postprocess=args.postprocess, et_threshold=args.et_threshold, save_probabilities=getattr(args, "save_probabilities", False),
     )
 
 

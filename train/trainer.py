@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -15,16 +15,18 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from pipeline.brats import LOSS_OUTPUT
 from pipeline.cache import open_cache, open_case
+from pipeline.device import autocast_dtype, cpu_bf16, resolve_device
 from pipeline.inference import probs_to_labels, sliding_window_predict
 from pipeline.losses import LossConfig, SegmentationLoss, num_outputs
 from pipeline.metrics import batch_region_dice
 from pipeline.model import ModelConfig, build_model, model_preset
 from pipeline.provenance import run_record
 from train.augment import augment_batch
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, ConfigError
 from train.checkpoint import load_checkpoint, save_checkpoint
-from train.config import TrainConfig
+from train.config import ALL, RECIPE_POSTPROCESSING, TrainConfig, recipe_name, resolve
 from train.dataset import PatchDataset, PatchSpec, make_batches, split_cases
 from train.visual import overlay_slice
 
@@ -39,70 +41,93 @@ class Parts:
     model: nn.Module
     loss_fn: SegmentationLoss
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     device: torch.device
     cache_dir: Path
     split: dict[str, Any]
 
 
-def tune_malloc() -> None:
-    """Keep freed activation buffers in the heap instead of returning them to the OS.
-
-    glibc otherwise maps and zero-fills fresh pages for every large tensor of
-    every step, which shows up on the CPU as system time. No effect elsewhere
-    than glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 1 << 30)
-    libc.mallopt(m_trim_threshold, 1 << 34)
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto``: CUDA when present, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def make_split(labelled: list[str], cfg: TrainConfig) -> dict[str, Any]:
+    """Training and validation case ids of ``cfg.fold`` (``"all"``: every case trains, none validates)."""
+    if cfg.fold == ALL:
+        if not labelled:
+            raise ConfigError("no labelled case in the cache to train on")
+        return {"train": sorted(labelled), "val": [], "fold": ALL, "n_folds": None}
+    n_folds = int(cfg.n_folds or 5)
+    train_ids, val_ids = split_cases(labelled, n_folds, int(cfg.fold))
+    return {"train": train_ids, "val": val_ids, "fold": cfg.fold, "n_folds": n_folds}
 
 
 def build(cfg: TrainConfig) -> Parts:
-    """Resolve the cache and split, build model, loss, optimiser, schedule and scaler."""
+    """Resolve device, recipe, cache and split; build model, loss, optimiser and scaler."""
+    device = resolve_device(cfg.device)
+    cfg = resolve(cfg, device.type, cpu_bf16())
     cache = open_cache(cfg.cache_dir)
     labelled = [c for c in cache.case_ids if open_case(cache.path, c).has_label]
-    train_ids, val_ids = split_cases(labelled, cfg.n_folds, cfg.fold)
-    split = {"train": train_ids, "val": val_ids, "fold": cfg.fold, "n_folds": cfg.n_folds}
+    split = make_split(labelled, cfg)
     loss_cfg = LossConfig(mode=cfg.loss_mode)
-    model_cfg = model_preset(cfg.preset, out_channels=num_outputs(cfg.loss_mode), deep_supervision=cfg.deep_supervision)
-    device = pick_device(cfg.device)
+    model_cfg = model_preset(str(cfg.preset), out_channels=num_outputs(cfg.loss_mode),
+                             deep_supervision=cfg.deep_supervision)
     torch.manual_seed(cfg.seed)
     model = build_model(model_cfg).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
+    lr = float(cfg.lr or 0.0)
     if cfg.optimizer == "sgd":
         optimizer: torch.optim.Optimizer = torch.optim.SGD(
-            model.parameters(), lr=cfg.lr, momentum=0.99, nesterov=True, weight_decay=cfg.weight_decay
+            model.parameters(), lr=lr, momentum=0.99, nesterov=True, weight_decay=cfg.weight_decay
         )
+    elif cfg.optimizer == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total = cfg.total_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (1 - min(s, total - 1) / total) ** 0.9)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and cfg.amp == "fp16")
     loss_fn = SegmentationLoss(loss_cfg)
-    return Parts(cfg, model_cfg, loss_cfg, model, loss_fn, optimizer, scheduler, scaler, device, cache.path, split)
+    return Parts(cfg, model_cfg, loss_cfg, model, loss_fn, optimizer, scaler, device, cache.path, split)
+
+
+def lr_factor(schedule: str, progress: float) -> float:
+    """Learning-rate multiplier at ``progress`` in [0, 1] of the run: poly (exponent 0.9) or cosine."""
+    p = min(max(progress, 0.0), 1.0)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * p))
+    return (1.0 - p) ** 0.9
+
+
+@dataclass
+class Clock:
+    """Training time spent, across resumes; the schedule's progress and the budget check."""
+
+    budget_s: float | None
+    total_steps: int
+    spent_s: float = 0.0
+    _since: float = 0.0
+
+    def start(self) -> None:
+        self._since = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self.spent_s + time.perf_counter() - self._since
+
+    def progress(self, step: int) -> float:
+        """Share of the run done: of the steps, or of the budget when that is further along."""
+        done = step / self.total_steps
+        return max(done, self.elapsed() / self.budget_s) if self.budget_s else done
+
+    def exhausted(self) -> bool:
+        return self.budget_s is not None and self.elapsed() >= self.budget_s
 
 
 def _autocast(parts: Parts) -> torch.autocast:
-    dtype = torch.bfloat16 if parts.cfg.amp == "bf16" else torch.float16
-    enabled = parts.device.type == "cuda" and parts.cfg.amp != "none"
-    return torch.autocast(parts.device.type, dtype=dtype, enabled=enabled)
+    dtype = autocast_dtype(parts.device, str(parts.cfg.amp))
+    return torch.autocast(parts.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
-def train_step(parts: Parts, step_model: nn.Module, batch: dict[str, Any], gen: torch.Generator) -> dict[str, float]:
-    """One optimisation step on a batch; returns ``loss`` and ``lr``."""
+def train_step(parts: Parts, step_model: nn.Module, batch: dict[str, Any], gen: torch.Generator,
+               lr: float) -> dict[str, float]:
+    """One optimisation step on a batch at learning rate ``lr``; returns ``loss`` and ``lr``."""
+    for group in parts.optimizer.param_groups:
+        group["lr"] = lr
     image = batch["image"].to(parts.device, non_blocking=True).float()
     label = batch["label"].to(parts.device, non_blocking=True).long()
     image, label = augment_batch(
@@ -120,8 +145,6 @@ def train_step(parts: Parts, step_model: nn.Module, batch: dict[str, Any], gen: 
     nn.utils.clip_grad_norm_(parts.model.parameters(), 12.0)
     parts.scaler.step(parts.optimizer)
     parts.scaler.update()
-    lr = parts.optimizer.param_groups[0]["lr"]
-    parts.scheduler.step()
     return {"loss": float(loss.detach()), "lr": float(lr)}
 
 
@@ -133,7 +156,7 @@ def validate(parts: Parts) -> tuple[dict[str, float], np.ndarray | None]:
         an overlay image (H, W, 3) uint8 of the first case, or None).
     """
     ids = parts.split["val"][: parts.cfg.max_val_cases or None]
-    mode = "sigmoid" if parts.loss_cfg.mode == "regions" else "softmax"
+    mode = cast(Literal["sigmoid", "softmax"], LOSS_OUTPUT[parts.loss_cfg.mode])
     rows, picture = [], None
     parts.model.eval()
     for cid in ids:
@@ -142,8 +165,7 @@ def validate(parts: Parts) -> tuple[dict[str, float], np.ndarray | None]:
         probs = sliding_window_predict(
             parts.model, image, patch_size=parts.cfg.patch_size, overlap=parts.cfg.val_overlap,
             batch_size=parts.cfg.batch_size, device=parts.device,
-            autocast_dtype=torch.bfloat16 if parts.device.type == "cuda" and parts.cfg.amp != "none" else None,
-            output=mode,
+            autocast_dtype=autocast_dtype(parts.device, str(parts.cfg.amp)), output=mode,
         )
         pred = probs_to_labels(probs, mode).numpy()
         truth = case.read_label()
@@ -156,30 +178,60 @@ def validate(parts: Parts) -> tuple[dict[str, float], np.ndarray | None]:
     return metrics, picture
 
 
-def _state(parts: Parts, step: int, epoch: int, best: float, history: list[dict[str, float]]) -> dict[str, Any]:
-    """A checkpoint: weights, optimiser, schedule, scaler, RNG, configs (weights_only-safe)."""
+def _state(parts: Parts, step: int, epoch: int, best: float, history: list[dict[str, float]],
+           clock: Clock) -> dict[str, Any]:
+    """A checkpoint: weights, optimiser, scaler, RNG, time spent, configs (weights_only-safe)."""
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     return {
         "model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
-        "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict(),
-        "step": step, "epoch": epoch, "best_metric": best, "history": history, "rng": rng,
+        "scaler": parts.scaler.state_dict(), "step": step, "epoch": epoch, "best_metric": best,
+        "history": history, "rng": rng, "elapsed_s": clock.elapsed(),
         "model_config": parts.model_cfg.to_dict(), "loss_config": parts.loss_cfg.to_dict(),
         "train_config": parts.cfg.to_dict(), "preprocess_config": open_cache(parts.cache_dir).manifest["preprocess"],
         "split": parts.split,
     }
 
 
-def _restore(parts: Parts, state: dict[str, Any]) -> tuple[int, int, float, list[dict[str, float]]]:
+def _restore(parts: Parts, state: dict[str, Any], clock: Clock) -> tuple[int, int, float, list[dict[str, float]]]:
     parts.model.load_state_dict(state["model"])
     parts.optimizer.load_state_dict(state["optimizer"])
-    parts.scheduler.load_state_dict(state["scheduler"])
     parts.scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"]["torch"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    clock.spent_s = float(state.get("elapsed_s", 0.0))
     return int(state["step"]), int(state["epoch"]), float(state["best_metric"]), list(state["history"])
+
+
+#: Settings a resumed run may change: where and how fast it runs, not what it trains.
+RESUMABLE_CHANGES = frozenset({"cache_dir", "run_dir", "device", "amp", "channels_last", "compile", "loader",
+                               "workers", "val_every", "val_overlap", "max_val_cases", "epochs", "time_budget"})
+
+
+def check_resume(parts: Parts, state: dict[str, Any]) -> None:
+    """Refuse to resume a checkpoint under settings that would change the run.
+
+    The split comes from the checkpoint (never recomputed from the cache as it
+    is now); ``epochs`` and ``time_budget`` may grow.
+
+    Raises:
+        CheckpointError: another model, or a changed setting (named).
+    """
+    path = state.get("path", "checkpoint")
+    if state.get("model_config") != parts.model_cfg.to_dict():
+        raise CheckpointError(f"{path} holds another model ({state.get('model_config', {}).get('preset')!r}, "
+                              f"this run asks for {parts.model_cfg.preset!r}); resume with the run's own settings")
+    old, new = dict(state.get("train_config", {})), parts.cfg.to_dict()
+    changed = sorted(k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k])
+    if changed:
+        detail = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)
+        raise CheckpointError(f"{path}: cannot resume with changed settings ({detail})")
+    for key in ("epochs", "time_budget"):
+        if old.get(key) is not None and (new[key] is None or new[key] < old[key]):
+            raise CheckpointError(f"{path}: {key} may only grow on resume ({old[key]!r} -> {new[key]!r})")
+    parts.split = dict(state["split"])
 
 
 def _write_run_files(parts: Parts, run_dir: Path) -> None:
@@ -189,61 +241,93 @@ def _write_run_files(parts: Parts, run_dir: Path) -> None:
         indent=2))
     (run_dir / "split.json").write_text(json.dumps(parts.split, indent=2))
     (run_dir / "run_record.json").write_text(json.dumps(run_record(), indent=2))
+    post = run_dir / "postprocessing.json"
+    if not post.exists():  # the recipe's choice until train.postprocess chooses on this run's folds
+        default = RECIPE_POSTPROCESSING[recipe_name(parts.device.type)]
+        post.write_text(json.dumps(default.to_dict(), indent=2))
 
 
 def fit(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train, validate and checkpoint; returns the last validation metrics and step timings.
 
-    With ``resume``, continues from ``run_dir/last.pt`` exactly where it stopped.
+    With ``resume``, continues from ``run_dir/last.pt`` where it stopped (the
+    patches, and without a time budget the weights, exactly as an
+    uninterrupted run; with one, the budget spent so far is carried over).
+    With ``cfg.time_budget`` (minutes) training stops at the first step that
+    would start after the budget is spent; validation and checkpoints count
+    against it, and the learning rate follows the elapsed share of it.
+
+    Raises:
+        ConfigError: the budget was spent before a single step completed.
     """
-    tune_malloc()
     parts, run_dir = build(cfg), Path(cfg.run_dir)
+    cfg = parts.cfg
+    budget_s = cfg.time_budget * 60.0 if cfg.time_budget else None
+    clock = Clock(budget_s, cfg.total_steps)
     step, epoch, best, history = 0, 0, -1.0, []
     if resume:
         if not (run_dir / "last.pt").exists():
             raise CheckpointError(f"nothing to resume: no last.pt in {run_dir}")
-        step, epoch, best, history = _restore(parts, load_checkpoint(run_dir / "last.pt"))
+        state = load_checkpoint(run_dir / "last.pt")
+        check_resume(parts, state)
+        step, epoch, best, history = _restore(parts, state, clock)
+    clock.start()
     _write_run_files(parts, run_dir)
     step_model = torch.compile(parts.model) if cfg.compile else parts.model
-    spec = PatchSpec(cfg.patch_size, cfg.p_fg, seed=cfg.seed)
-    dataset = PatchDataset(parts.cache_dir, parts.split["train"], spec, cfg.total_steps * cfg.batch_size)
+    spec = PatchSpec(tuple(cfg.patch_size or ()), float(cfg.p_fg or 0.0), seed=cfg.seed)  # type: ignore[arg-type]
+    dataset = PatchDataset(parts.cache_dir, parts.split["train"], spec, cfg.total_steps * int(cfg.batch_size or 1))
     writer = SummaryWriter(str(run_dir / "tb"), purge_step=step or None)
-    last: dict[str, Any] = {}
+    last: dict[str, Any] = dict(history[-1]) if history else {}
+    epochs = int(cfg.epochs or 1)
     try:
-        while epoch < cfg.epochs:
-            timing = _epoch(parts, step_model, dataset, writer, step, epoch, progress)
-            step, epoch = step + cfg.iters_per_epoch, epoch + 1
-            last = {"epoch": epoch, "step": step, **timing}
-            if epoch % cfg.val_every == 0 or epoch == cfg.epochs:
+        while epoch < epochs and (step == 0 or not clock.exhausted()):
+            timing = _epoch(parts, step_model, dataset, writer, step, epoch, clock, progress)
+            step, epoch = step + int(timing.pop("steps")), epoch + 1
+            stopped = clock.exhausted()
+            last = {"epoch": epoch, "step": step, "elapsed_s": clock.elapsed(), **timing}
+            if parts.split["val"] and not stopped and (epoch % cfg.val_every == 0 or epoch == epochs):
                 metrics, picture = validate(parts)
                 last.update(metrics)
                 _log_validation(writer, metrics, picture, step)
                 if metrics.get("Dice_mean", -1.0) > best:
                     best = metrics["Dice_mean"]
-                    save_checkpoint(run_dir / "best.pt", _state(parts, step, epoch, best, history + [last]))
+                    save_checkpoint(run_dir / "best.pt", _state(parts, step, epoch, best, history + [last], clock))
             history.append(last)
-            save_checkpoint(run_dir / "last.pt", _state(parts, step, epoch, best, history))
+            save_checkpoint(run_dir / "last.pt", _state(parts, step, epoch, best, history, clock))
     finally:
         writer.close()
     return {**last, "history": history}
 
 
 def _epoch(parts: Parts, step_model: nn.Module, dataset: PatchDataset, writer: SummaryWriter, first_step: int,
-           epoch: int, progress: bool) -> dict[str, float]:
-    """Run one epoch; log loss, lr, patches/s and the share of time spent waiting on data."""
+           epoch: int, clock: Clock, progress: bool) -> dict[str, float]:
+    """Run one epoch, or its part before the time budget runs out.
+
+    Logs loss, lr, patches/s and the share of time spent waiting on data;
+    returns them with ``steps``, the number of steps run.
+    """
     cfg = parts.cfg
-    batches = make_batches(cfg.loader, dataset, first_step, cfg.iters_per_epoch, cfg.batch_size, cfg.workers,
+    iters, batch_size = int(cfg.iters_per_epoch or 1), int(cfg.batch_size or 1)
+    batches = make_batches(cfg.loader, dataset, first_step, iters, batch_size, cfg.workers,
                            pin_memory=parts.device.type == "cuda")
-    bar = tqdm(total=cfg.iters_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, unit="it")
+    bar = tqdm(total=iters, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, unit="it")
     wait = losses = 0.0
+    steps = 0
     t0 = t_prev = time.perf_counter()
     for i, batch in enumerate(batches):
+        if i and clock.exhausted():  # the clock is checked before each step
+            break
         t_data = time.perf_counter()
         wait += t_data - t_prev
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + first_step + i)
-        out = train_step(parts, step_model, batch, gen)
+        lr = float(cfg.lr or 0.0) * lr_factor(str(cfg.schedule), clock.progress(first_step + i))
+        out = train_step(parts, step_model, batch, gen, lr)
+        steps += 1
         losses += out["loss"]
         t_prev = time.perf_counter()
+        if first_step + i == 0 and clock.exhausted():
+            raise ConfigError(f"--time-budget {cfg.time_budget} min is too small: one training step took "
+                              f"{clock.elapsed():.1f} s")
         writer.add_scalar("train/loss", out["loss"], first_step + i + 1)
         writer.add_scalar("train/lr", out["lr"], first_step + i + 1)
         bar.set_postfix(loss=f"{out['loss']:.4f}", wait=f"{wait / (t_prev - t0):.0%}")
@@ -251,13 +335,14 @@ def _epoch(parts: Parts, step_model: nn.Module, dataset: PatchDataset, writer: S
     bar.close()
     seconds = time.perf_counter() - t0
     timing = {
-        "train_loss": losses / cfg.iters_per_epoch,
-        "patches_per_s": cfg.iters_per_epoch * cfg.batch_size / seconds,
+        "steps": float(steps),
+        "train_loss": losses / max(steps, 1),
+        "patches_per_s": steps * batch_size / seconds,
         "data_wait_share": wait / seconds,
-        "step_seconds": seconds / cfg.iters_per_epoch,
+        "step_seconds": seconds / max(steps, 1),
     }
     for k in ("patches_per_s", "data_wait_share", "step_seconds"):
-        writer.add_scalar(f"train/{k}", timing[k], first_step + cfg.iters_per_epoch)
+        writer.add_scalar(f"train/{k}", timing[k], first_step + steps)
     return timing
 
 

@@ -8,7 +8,9 @@ import json
 import os
 import shutil
 import threading
+import time
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -133,6 +135,7 @@ def write_case(
     try:
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         _create(group, "image", image.astype(cfg.dtype), (image.shape[0], *cfg.chunk), cfg)
+        _pause_for_tests(tmp)
         if label is not None:
             _create(group, "label", label.astype(np.uint8), cfg.chunk, cfg)
         idx_group = group.create_group("indices")
@@ -145,6 +148,20 @@ def write_case(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+#: Tests set this to a file name: the first case write then creates it and blocks, half written,
+#: until the process is signalled, so interrupt tests never race the writer.
+PAUSE_ENV = "BRATS_PIPELINE_TEST_PAUSE_IN_WRITE"
+
+
+def _pause_for_tests(tmp: Path) -> None:
+    flag = os.environ.get(PAUSE_ENV)
+    if not flag or Path(flag).exists():
+        return
+    Path(flag).write_text(str(tmp))
+    while True:  # ended by the signal the test sends
+        time.sleep(0.05)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -212,11 +229,23 @@ def complete_cases(cache_dir: str | os.PathLike[str]) -> list[str]:
     return out
 
 
-def write_manifest(cache_dir: str | os.PathLike[str], content: dict[str, Any]) -> Path:
-    """Atomically write ``manifest.json`` (format version and case list are added here)."""
+def write_manifest(cache_dir: str | os.PathLike[str], content: dict[str, Any],
+                   source_ids: Collection[str] | None = None) -> Path:
+    """Atomically write ``manifest.json`` (format version and case list are added here).
+
+    Args:
+        cache_dir: the keyed cache directory.
+        content: settings and records to store.
+        source_ids: the cases the raw folder holds now; complete cases of the
+            cache that are not among them (their raw folder is gone) are kept
+            on disk but listed under ``"orphaned"``, not ``"cases"``, so no
+            stage uses them. None lists every complete case.
+    """
     cache_dir = Path(cache_dir)
-    cases = complete_cases(cache_dir)
-    body = {**content, "format_version": FORMAT_VERSION, "cases": cases}
+    complete = complete_cases(cache_dir)
+    cases = complete if source_ids is None else [c for c in complete if c in source_ids]
+    orphaned = sorted(set(complete) - set(cases))
+    body = {**content, "format_version": FORMAT_VERSION, "cases": cases, "orphaned": orphaned}
     with atomic_path(cache_dir / MANIFEST) as tmp:
         tmp.write_text(json.dumps(body, indent=2, sort_keys=True))
     return cache_dir / MANIFEST

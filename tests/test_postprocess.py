@@ -1,0 +1,136 @@
+"""Post-processing: the operations, the cross-validated choice, and how runs store and apply it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from pipeline.errors import CheckpointError, ConfigError
+from pipeline.metrics import hd95
+from pipeline.postprocess import PostProcessing, apply, choose, filter_components, relabel_small_et
+from tests.conftest import REPO
+from tests.test_predict import CPU, tiny_checkpoint
+from train.predict import PredictConfig, load_postprocessing, run_predict
+
+
+def blob(shape: tuple[int, int, int], lo: tuple[int, int, int], hi: tuple[int, int, int], value: int,
+         out: np.ndarray | None = None) -> np.ndarray:
+    label = np.zeros(shape, np.uint8) if out is None else out
+    label[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = value
+    return label
+
+
+def tumour_with_island(shape: tuple[int, int, int] = (40, 40, 40)) -> tuple[np.ndarray, np.ndarray]:
+    """(truth, prediction): one tumour (oedema around an ET core); the prediction adds a far-away ET island."""
+    truth = blob(shape, (5, 5, 5), (17, 17, 17), 2)
+    blob(shape, (9, 9, 9), (13, 13, 13), 3, truth)
+    pred = truth.copy()
+    blob(shape, (30, 30, 30), (36, 36, 36), 3, pred)  # 216 voxels, ~25 mm away
+    return truth, pred
+
+
+def test_components_keep_the_largest_or_drop_small_ones() -> None:
+    truth, pred = tumour_with_island()
+    largest = filter_components(pred, keep_largest=True, min_component=0)
+    np.testing.assert_array_equal(largest, truth)
+    np.testing.assert_array_equal(filter_components(pred, False, 217), truth)  # island of 216 dropped
+    np.testing.assert_array_equal(filter_components(pred, False, 216), pred)  # at the size: kept
+    assert filter_components(pred, False, 0) is pred
+    diagonal = np.zeros((4, 4, 4), np.uint8)
+    diagonal[0, 0, 0] = diagonal[1, 1, 1] = 2  # 26-connected: one component
+    np.testing.assert_array_equal(filter_components(diagonal, True, 0), diagonal)
+    assert (pred[30:36, 30:36, 30:36] == 3).all()  # input untouched
+
+
+def test_small_et_becomes_necrosis() -> None:
+    label = blob((8, 8, 8), (2, 2, 2), (6, 6, 6), 2)
+    label[3, 3, 3:5] = 3  # 2 ET voxels
+    out = relabel_small_et(label, threshold=5)
+    assert not (out == 3).any() and (out[3, 3, 3:5] == 1).all() and (label == 3).sum() == 2
+    assert relabel_small_et(label, threshold=2) is label  # at the threshold: kept
+    assert relabel_small_et(label, threshold=0) is label  # off
+
+
+def test_choice_removes_islands_and_small_false_et() -> None:
+    truth, pred = tumour_with_island()
+    assert hd95(pred > 0, truth > 0) > 10
+    no_et_truth = blob((40, 40, 40), (5, 5, 5), (15, 15, 15), 2)
+    no_et_pred = no_et_truth.copy()
+    no_et_pred[8, 8, 8:12] = 3  # 4 false ET voxels in an ET-free case
+    post = choose({"a": pred, "b": no_et_pred}, {"a": truth, "b": no_et_truth})
+    assert post.keep_largest or post.min_component > 216
+    assert post.et_threshold > 4 and post.chosen_on == ("a", "b")
+    np.testing.assert_array_equal(apply(pred, post), truth)
+    assert not (apply(no_et_pred, post) == 3).any()
+    by_name = {name: (d, h) for name, d, h in post.scores}
+    assert by_name["largest"][1] < by_name["none"][1]  # HD95 falls once the island goes
+
+
+def test_choice_keeps_a_real_second_lesion() -> None:
+    truth, _ = tumour_with_island()
+    blob((40, 40, 40), (28, 28, 28), (38, 38, 38), 2, truth)  # a real second lesion, 1000 voxels
+    post = choose({"a": truth.copy()}, {"a": truth})
+    assert not post.keep_largest and post.min_component <= 1000 and post.et_threshold == 0
+    np.testing.assert_array_equal(apply(truth, post), truth)
+
+
+def test_choice_needs_matching_cases_and_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match="same, non-empty"):
+        choose({}, {})
+    with pytest.raises(ConfigError, match="same, non-empty"):
+        choose({"a": np.zeros((2, 2, 2))}, {"b": np.zeros((2, 2, 2))})
+    with pytest.raises(ConfigError, match="min_component"):
+        PostProcessing(min_component=-1)
+    post = PostProcessing(keep_largest=True, et_threshold=50, chosen_on=("x",), scores=(("none", 0.5, 9.0),))
+    assert PostProcessing.from_dict(json.loads(json.dumps(post.to_dict()))) == post
+
+
+def test_predict_applies_the_runs_postprocessing_unless_told_not_to(raw_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    tiny_checkpoint(run / "last.pt")
+    cid = "BraTS20_Training_001"
+    plain = run_predict(run, tmp_path / "plain", PredictConfig(device="cpu", postprocess=False), input_dir=raw_dir,
+                        case_ids=[cid], progress=False)
+    assert plain.ok
+    raw_pred = np.asanyarray(nib.load(tmp_path / "plain" / f"{cid}.nii.gz").dataobj)
+    assert (raw_pred > 0).any()  # the random network predicts some tumour
+    (run / "postprocessing.json").write_text(json.dumps(PostProcessing(min_component=10**9).to_dict()))
+    assert load_postprocessing(run) == PostProcessing(min_component=10**9)
+    run_predict(run, tmp_path / "post", CPU, input_dir=raw_dir, case_ids=[cid], progress=False)
+    post_pred = np.asanyarray(nib.load(tmp_path / "post" / f"{cid}.nii.gz").dataobj)
+    assert not (post_pred > 0).any()  # every component is smaller than the minimum
+    record = json.loads((tmp_path / "post" / "predict_record.json").read_text())
+    assert record["postprocessing"]["min_component"] == 10**9
+    (run / "postprocessing.json").write_text("{\"bogus\": 1}")
+    with pytest.raises(CheckpointError, match="not valid post-processing"):
+        run_predict(run, tmp_path / "bad", CPU, input_dir=raw_dir, case_ids=[cid], progress=False)
+
+
+def test_postprocess_cli_chooses_on_pooled_folds_and_stores_everywhere(tiny_cache, tmp_path: Path) -> None:
+    cache_dir, ids = tiny_cache
+    runs = []
+    for k, val in enumerate(([ids[0]], ids[1:])):
+        runs.append(tmp_path / f"fold{k}")
+        runs[-1].mkdir()
+        tiny_checkpoint(runs[-1] / "last.pt", cache_dir=str(cache_dir), val=val)
+    target = tmp_path / "all"
+    target.mkdir()
+    res = subprocess.run([sys.executable, "-m", "train.postprocess", "--runs", *map(str, runs), "--apply-to",
+                          str(target), "--device", "cpu", "--overlap", "0", "--no-progress"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert f"chosen on {len(ids)} out-of-fold cases" in res.stdout
+    stored = [load_postprocessing(r) for r in (*runs, target)]
+    assert stored[0] is not None and stored[0].chosen_on == tuple(sorted(ids))
+    assert stored[0] == stored[1] == stored[2]
+    overlap = subprocess.run([sys.executable, "-m", "train.postprocess", "--runs", str(runs[1]), str(runs[1]),
+                              "--device", "cpu", "--no-progress"], cwd=REPO, capture_output=True, text=True,
+                             timeout=300)
+    assert overlap.returncode == 2 and "also held out" in overlap.stderr

@@ -1,0 +1,103 @@
+"""``python -m train.postprocess --runs R0 R1 ...``: choose post-processing on the folds' held-out cases.
+
+As nnU-Net does after cross-validation: each fold run predicts its own
+validation cases from the cache (its best checkpoint, else its last), the
+out-of-fold class maps of all folds are pooled, and :func:`pipeline.postprocess.choose`
+picks the whole-tumour component rule and the ET threshold on them. The result
+is written as ``postprocessing.json`` into every fold run and into each
+``--apply-to`` run (typically the ``--fold all`` run), where ``train.predict``
+applies it by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.atomic import atomic_path
+from pipeline.cache import open_case
+from pipeline.device import resolve_device
+from pipeline.errors import CheckpointError, PipelineError
+from pipeline.inference import probs_to_labels
+from pipeline.postprocess import PostProcessing, choose
+from train import predict as P
+from train.checkpoint import load_checkpoint
+
+
+def out_of_fold(runs: Sequence[Path], cfg: P.PredictConfig, progress: bool = True
+                ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Predicted and true class maps of every fold run's validation cases.
+
+    Raises:
+        CheckpointError: a run without validation cases, or a case in two runs' validation sets.
+    """
+    preds: dict[str, np.ndarray] = {}
+    truths: dict[str, np.ndarray] = {}
+    device = resolve_device(cfg.device)
+    for run in runs:
+        state = load_checkpoint(run)
+        split = state.get("split") or {}
+        ids = [str(c) for c in split.get("val", [])]
+        if not ids:
+            raise CheckpointError(f"{run}: has no validation cases (a --fold all run cannot choose post-processing)")
+        cache = Path(state["train_config"]["cache_dir"])
+        predictor = P.load_predictor(state, device)
+        for cid in tqdm(ids, desc=f"predict {run.name}", unit="case", disable=not progress):
+            if cid in preds:
+                raise CheckpointError(f"{run}: case {cid} is also held out by another run (not one split's folds)")
+            probs = P.predict_probabilities(predictor, P.load_cached_input(cache, cid).image, cfg)
+            preds[cid] = probs_to_labels(probs, predictor.output).numpy()
+            truths[cid] = np.asarray(open_case(cache, cid).read_label())
+    return preds, truths
+
+
+def write_postprocessing(run_dir: Path, post: PostProcessing) -> Path:
+    """Write ``RUN/postprocessing.json`` atomically."""
+    path = run_dir / P.POSTPROCESSING
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(post.to_dict(), indent=2))
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m train.postprocess",
+        description="Choose post-processing (keep the largest tumour component or drop small ones; the ET "
+        "threshold) on the pooled out-of-fold predictions of cross-validation runs, and store it as "
+        "postprocessing.json in every run, where train.predict applies it by default.",
+    )
+    p.add_argument("--runs", nargs="+", required=True, type=Path, metavar="RUN",
+                   help="fold runs of one split (each predicts its validation cases)")
+    p.add_argument("--apply-to", nargs="*", default=[], type=Path, metavar="RUN",
+                   help="further runs to store the choice in (e.g. the --fold all run)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    P.add_inference_args(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        preds, truths = out_of_fold(args.runs, P.config_from_args(args), progress=not args.no_progress)
+        post = choose(preds, truths)
+        for run in [*args.runs, *args.apply_to]:
+            if not run.is_dir():
+                raise CheckpointError(f"--apply-to {run}: not a run directory")
+            write_postprocessing(run, post)
+    except (PipelineError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"post-processing chosen on {len(preds)} out-of-fold cases: {post.describe()}")
+    for name, d, h in post.scores:
+        print(f"  {name:<10} mean Dice {d:.4f}  mean HD95 {h:.1f} mm")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
