@@ -27,6 +27,7 @@ from pipeline.provenance import git_commit
 SECTIONS: dict[str, str] = {
     "offline": "benchmarks.offline:run",
     "training": "benchmarks.training:run",
+    "quality": "benchmarks.quality:run",
 }
 
 Section = Callable[[argparse.Namespace, Path], dict[str, Any]]
@@ -52,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
                    help="on a shared machine, wait up to SECONDS before each section for the 1-minute load "
                    "average to fall below 1 (default 0: start at once)")
+    p.add_argument("--budget", type=float, default=35.0,
+                   help="quality: training minutes per fold and candidate recipe (default 35)")
+    p.add_argument("--candidates", nargs="+", default=["recipe"], metavar="NAME",
+                   help="quality: candidate recipes of benchmarks/quality.py (default: the CPU recipe)")
     p.add_argument("--only", nargs="+", choices=list(SECTIONS), metavar="SECTION",
                    help=f"sections to run (default all: {', '.join(SECTIONS)})")
     p.add_argument("--out", type=Path, default=None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.cache import PreprocessConfig
+from pipeline.cache import CODECS, PreprocessConfig
 from pipeline.errors import PipelineError
 from preprocess.run import run_preprocess
 
@@ -31,8 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=d.dtype, choices=["float16", "float32"], help="image dtype on disk")
     g.add_argument("--chunk", type=int, nargs=3, default=list(d.chunk), metavar=("X", "Y", "Z"),
                    help="spatial chunk shape (a chunk holds all four channels)")
-    g.add_argument("--codec", default=d.codec, choices=["zstd", "lz4", "lz4hc", "blosclz", "zlib"],
-                   help="Blosc compressor (lz4hc with --clevel 9: about 2x faster reads, about 20%% larger)")
+    g.add_argument("--codec", default=d.codec, choices=list(CODECS),
+                   help="Blosc compressor (lz4hc with --clevel 9: about 2x faster reads, about 20%% larger), or "
+                   "none: uncompressed chunks copied out of memory-mapped files, the speed setting (see "
+                   "docs/cache-format.md)")
     g.add_argument("--clevel", type=int, default=d.clevel, help="compression level 0..9")
     g.add_argument("--blocksize", type=int, default=d.blocksize, help="Blosc block size in bytes (0: auto)")
     g.add_argument("--shuffle", default=d.shuffle, choices=["noshuffle", "shuffle", "bitshuffle"],

@@ -1,71 +1,152 @@
-"""Augmentations keep image and label aligned: the label is a function of the image."""
+"""Augmentation: alignment under spatial transforms, probabilities, statistics, determinism, enlarged reads."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
+import pytest
 import torch
+import torch.nn.functional as F
 
-from train.augment import augment_batch, flips, gaussian_noise, intensity, spatial
+from train.augment import (
+    LEVELS,
+    AugmentConfig,
+    _gamma,
+    augment_batch,
+    intensity,
+    region_for,
+    spatial_draw,
+    warp_region,
+)
+from train.dataset import PatchDataset, PatchSpec, make_batches
+
+CPU = torch.device("cpu")
 
 
-def _volume(b: int = 2, n: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image channel 0 holds label * 10 + 5 (so the label can be read back off the image)."""
-    gen = torch.Generator().manual_seed(0)
-    label = torch.zeros(b, n, n, n, dtype=torch.long)
-    label[:, 4:14, 6:18, 3:10] = 1
-    label[:, 8:12, 9:13, 5:8] = 3
-    label[:, 15:20, 2:8, 12:22] = 2
-    image = torch.rand(b, 4, n, n, n, generator=gen) + 1
-    image[:, 0] = label.float() * 10 + 5
+def _coded(n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(4, n, n, n) image whose channel 0 is label * 10 + 5, and the label: one can be read off the other."""
+    label = torch.zeros(n, n, n, dtype=torch.long)
+    label[4:20, 6:24, 3:14] = 2
+    label[8:16, 9:17, 5:12] = 1
+    label[10:13, 11:14, 6:9] = 3
+    image = torch.rand(4, n, n, n, generator=torch.Generator().manual_seed(0)) + 1
+    image[0] = label.float() * 10 + 5
     return image, label
 
 
-def test_spatial_keeps_label_a_function_of_the_image() -> None:
-    image, label = _volume()
-    out, lab = spatial(image, label, torch.Generator().manual_seed(3), p=1.0)
-    assert not torch.equal(lab, label)  # something moved
-    inside = out[:, 0] > 0
-    decoded = torch.round((out[:, 0] - 5) / 10).clamp(0, 3).long()
-    # linear interpolation blurs class boundaries by at most a voxel: compare away from them
-    pure = (out[:, 0] - (decoded.float() * 10 + 5)).abs() < 1e-3
-    assert torch.equal(decoded[inside & pure], lab[inside & pure])
-    assert (inside & pure).float().mean() > 0.5
+@pytest.mark.parametrize("level", ["nnunet", "brats2020"])
+def test_every_spatial_transform_keeps_the_label_a_function_of_the_image(level: str) -> None:
+    cfg = dataclasses.replace(LEVELS[level], p_rotation=1.0, p_scaling=1.0, p_elastic=LEVELS[level].p_elastic and 1.0)
+    image, label = _coded()
+    draw = spatial_draw(cfg, seed=0, index=3)
+    assert draw is not None and not np.allclose(draw["matrix"], np.eye(3))
+    out, lab, mask = warp_region(image, label, draw, (16, 16, 16), cfg)
+    decoded = torch.round((out[0] - 5) / 10).clamp(0, 3).long()
+    pure = (out[0] - (decoded.float() * 10 + 5)).abs() < 1e-3  # away from interpolated class borders
+    assert pure.float().mean() > 0.5 and torch.equal(decoded[pure & mask], lab[pure & mask])
+    assert not torch.equal(lab, label[8:24, 8:24, 8:24])
 
 
-def test_intensity_and_noise_leave_the_label_and_background() -> None:
-    image, label = _volume()
-    image[:, :, :2] = 0
-    gen = torch.Generator().manual_seed(1)
-    out = intensity(image, gen)
-    assert torch.all(out[:, :, :2] == 0) and not torch.equal(out, image)
-    noisy = gaussian_noise(image, torch.Generator().manual_seed(2), p=1.0)
-    assert noisy.shape == image.shape and not torch.equal(noisy, image)
+def test_spatial_draws_fire_at_their_probability() -> None:
+    n = 4000
+    for name, p in (("p_rotation", 0.2), ("p_scaling", 0.3), ("p_elastic", 0.25)):
+        cfg = AugmentConfig(**{name: p})
+        hits = sum(spatial_draw(cfg, seed=1, index=k) is not None for k in range(n))
+        assert abs(hits / n - p) < 4 * (p * (1 - p) / n) ** 0.5, (name, hits / n)
 
 
-def test_flips_keep_label_a_function_of_the_image() -> None:
-    image, label = _volume(b=6)
-    out, lab = flips(image, label, torch.Generator().manual_seed(5))
-    assert torch.equal(out[:, 0], lab.float() * 10 + 5)
-    assert not torch.equal(lab, label)  # some sample was flipped
-    seen = set()
-    for i in range(6):  # each sample is one of the 8 mirror images of its input
-        for axes in [(), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]:
-            if torch.equal(out[i], torch.flip(image[i], [a + 1 for a in axes])):
-                assert torch.equal(lab[i], torch.flip(label[i], list(axes)))
-                seen.add(axes)
-                break
-        else:
-            raise AssertionError(f"sample {i} is not a mirror image of its input")
-    assert len(seen) > 1
+@pytest.mark.parametrize("name,p", [("p_noise", 0.1), ("p_blur", 0.2), ("p_brightness", 0.15), ("p_contrast", 0.15),
+                                    ("p_lowres", 0.25), ("p_gamma", 0.3), ("p_gamma_inverted", 0.1)])
+def test_intensity_transforms_fire_at_their_probability(name: str, p: float) -> None:
+    n = 1500
+    cfg = AugmentConfig(**{name: p, "p_per_channel": 1.0})
+    image = torch.rand(n, 2, 6, 6, 6, generator=torch.Generator().manual_seed(2)) + 0.5
+    out = intensity(image.clone(), cfg, torch.Generator().manual_seed(3))
+    changed = (out - image).flatten(1).abs().amax(1) > 1e-6
+    assert abs(float(changed.float().mean()) - p) < 4 * (p * (1 - p) / n) ** 0.5
 
 
-def test_full_pipeline_keeps_alignment() -> None:
-    image, label = _volume(b=4)
-    out, lab = augment_batch(image, label, torch.Generator().manual_seed(6), basic=True, spatial_aug=False)
-    # intensity and noise change values but never which voxels belong to which class:
-    # undo the flips by matching the clean channel-0 pattern of each sample
-    for i in range(4):
-        matches = [axes for axes in [(), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]
-                   if torch.equal(lab[i], torch.flip(label[i], list(axes)))]
-        assert matches
-        ref = torch.flip(image[i, 0], list(matches[0]))
-        assert torch.allclose(out[i, 0], ref, atol=3.0)  # scale 1±0.1 on values <= 35 plus small noise
+def test_intensity_keeps_the_background_and_gamma_keeps_mean_and_std() -> None:
+    image, label = _coded()
+    image[:, :, :, :4] = 0  # outside the brain
+    batch = {"image": image[None].repeat(8, 1, 1, 1, 1), "label": label[None].repeat(8, 1, 1, 1)}
+    every = {f: 1.0 for f in ("p_noise", "p_blur", "p_brightness", "p_contrast", "p_lowres", "p_gamma")}
+    cfg = dataclasses.replace(LEVELS["nnunet"], mirror=False, **every)  # type: ignore[arg-type]
+    out, _ = augment_batch(batch, cfg, torch.Generator().manual_seed(4), CPU)
+    background = (batch["image"] == 0).all(1)
+    assert not out.permute(1, 0, 2, 3, 4)[:, background].any()  # exactly 0 outside the brain
+    assert (out.abs().sum(1) > 0)[~background].float().mean() > 0.99
+    x = torch.rand(3, 10, 10, 10, generator=torch.Generator().manual_seed(5)) * 3 - 1
+    for invert in (False, True):
+        y = _gamma(x, torch.tensor([0.7, 1.0, 1.5]), invert)
+        torch.testing.assert_close(y.flatten(1).mean(1), x.flatten(1).mean(1), atol=1e-4, rtol=0)
+        torch.testing.assert_close(y.flatten(1).std(1), x.flatten(1).std(1), atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(y[0], x[0])
+
+
+def test_none_is_the_identity() -> None:
+    image, label = _coded()
+    batch = {"image": image[None].clone(), "label": label[None].clone()}
+    out, lab = augment_batch(batch, LEVELS["none"], torch.Generator().manual_seed(0), CPU)
+    assert torch.equal(out, image[None]) and torch.equal(lab, label[None])
+
+
+def _batches(cache_dir, ids, loader: str, workers: int, level: str = "nnunet") -> list[tuple[torch.Tensor, ...]]:
+    spec = PatchSpec((16, 16, 16), p_fg=0.5, seed=9, augment=LEVELS[level])
+    dataset = PatchDataset(cache_dir, ids, spec, 64)
+    out = []
+    for step, batch in enumerate(make_batches(loader, dataset, 0, 6, 3, workers)):
+        out.append(augment_batch(batch, LEVELS[level], torch.Generator().manual_seed(step), CPU))
+    return out
+
+
+def test_same_seed_same_augmented_batches_on_any_worker_count(tiny_cache) -> None:
+    cache_dir, ids = tiny_cache
+    ref = _batches(cache_dir, ids, "threads", 1)
+    for loader, workers in (("threads", 2), ("processes", 2)):
+        for (a, la), (b, lb) in zip(ref, _batches(cache_dir, ids, loader, workers)):
+            assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+def test_enlarged_read_leaves_no_empty_corners(tiny_cache) -> None:
+    """A rotated, scaled patch cut from the enlarged region equals the same transform of the whole volume."""
+    cache_dir, ids = tiny_cache
+    cfg = dataclasses.replace(LEVELS["nnunet"], p_rotation=1.0, p_scaling=1.0)
+    spec = PatchSpec((16, 16, 16), p_fg=1.0, seed=3, augment=cfg)
+    dataset = PatchDataset(cache_dir, ids, spec, 10)
+    for index in range(4):
+        case, start, _ = dataset.locate(index)
+        draw = spatial_draw(cfg, 3, index)
+        region = dataset.read_region(case, start, draw)
+        got, _, _ = warp_region(region["image"].float(), region["label"].long(), draw, (16, 16, 16), cfg)
+        # reference: the whole case, padded widely with zeros, sampled about the same centre
+        whole = torch.from_numpy(case.read_image()).float()
+        pad = 40
+        padded = F.pad(whole, [pad] * 6)
+        centre = [s + 8 + pad for s in start]
+        size = tuple(2 * min(c, p - c) for c, p in zip(centre, padded.shape[1:]))
+        lo = [c - s // 2 for c, s in zip(centre, size)]
+        box = padded[:, lo[0]:lo[0] + size[0], lo[1]:lo[1] + size[1], lo[2]:lo[2] + size[2]]
+        want, _, _ = warp_region(box, torch.zeros(box.shape[1:], dtype=torch.long), draw, (16, 16, 16), cfg)
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
+        assert region_for(draw, (16, 16, 16), cfg) == tuple(region["image"].shape[1:])
+
+
+def test_augment_cli_writes_patches_and_a_mosaic(tiny_cache, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    import nibabel as nib
+
+    from tests.conftest import REPO
+
+    cache_dir, _ = tiny_cache
+    res = subprocess.run([sys.executable, "-m", "train.augment", "--cache-dir", str(cache_dir), "--n", "2", "--out",
+                          str(tmp_path / "view"), "--patch-size", "16", "16", "16", "--augment", "brats2020"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    image = nib.load(tmp_path / "view" / "patch_001.nii.gz")
+    label = np.asanyarray(nib.load(tmp_path / "view" / "patch_001_label.nii.gz").dataobj)
+    assert image.shape == (16, 16, 16, 4) and label.shape == (16, 16, 16) and set(np.unique(label)) <= {0, 1, 2, 3}
+    assert (tmp_path / "view" / "mosaic.png").stat().st_size > 1000

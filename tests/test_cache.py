@@ -37,11 +37,12 @@ def _write(tmp_path: Path, cfg: PreprocessConfig, shape=(37, 45, 29)) -> tuple[P
 @pytest.mark.parametrize("cfg", [
     PreprocessConfig(chunk=(16, 16, 16)),
     PreprocessConfig(chunk=(8, 32, 16), codec="lz4", shuffle="bitshuffle", dtype="float32", blocksize=0),
+    PreprocessConfig(chunk=(16, 8, 32), codec="none"),  # the speed setting: memory-mapped raw chunks
 ])
 def test_patch_reads_match_zarr_and_pad_with_zero(tmp_path: Path, cfg: PreprocessConfig) -> None:
     cache_dir, image, label = _write(tmp_path, cfg)
     case = open_case(cache_dir, "c1")
-    assert case._image.fast
+    assert case._image.fast and case._image.raw == (cfg.codec == "none")
     z = zarr.open(str(case.path), mode="r")
     rng = np.random.default_rng(1)
     for _ in range(25):
@@ -63,7 +64,7 @@ def test_unknown_encoding_falls_back_to_zarr(tmp_path: Path) -> None:
     cache_dir, image, label = _write(tmp_path, PreprocessConfig(chunk=(16, 16, 16)))
     case = open_case(cache_dir, "c1")
     meta = case._image
-    case._image = _ArrayMeta(meta.path, meta.shape, meta.chunks, meta.dtype, fast=False)
+    case._image = _ArrayMeta(meta.path, meta.shape, meta.chunks, meta.dtype, fast=False, raw=False)
     img, _ = case.read_patch((-3, 5, 7), (20, 20, 30))
     ref = np.zeros((4, 20, 20, 30), image.dtype)
     ref[:, 3:, :, :22] = image[:, :17, 5:25, 7:29]

@@ -31,7 +31,7 @@ FAST = dict(preset="small", patch_size=(16, 16, 16), batch_size=2, n_folds=3, p_
 def test_a_few_steps_reduce_the_loss(tiny_cache, tmp_path: Path) -> None:
     cache_dir, _ = tiny_cache
     cfg = TrainConfig(cache_dir=str(cache_dir), run_dir=str(tmp_path / "run"), epochs=4, iters_per_epoch=6,
-                      optimizer="adamw", lr=3e-3, augment=False, **FAST)
+                      optimizer="adamw", lr=3e-3, augment="none", **FAST)
     result = fit(cfg, progress=False)
     losses = [h["train_loss"] for h in result["history"]]
     assert losses[-1] < losses[0] * 0.9, losses

@@ -9,7 +9,7 @@ from dataclasses import fields
 
 from pipeline.errors import PipelineError
 from pipeline.model import PRESETS
-from train.config import AMP, LOADERS, OPTIMIZERS, RECIPES, SCHEDULES, TrainConfig
+from train.config import AMP, AUGMENT_LEVELS, LOADERS, OPTIMIZERS, RECIPES, SCHEDULES, TrainConfig
 
 
 def _bool(text: str) -> bool:
@@ -22,6 +22,7 @@ def _bool(text: str) -> bool:
 
 CHOICES = {
     "preset": list(PRESETS),
+    "augment": list(AUGMENT_LEVELS),
     "loss_mode": ["regions", "classes"],
     "optimizer": list(OPTIMIZERS),
     "schedule": list(SCHEDULES),
@@ -50,8 +51,10 @@ HELP = {
     "schedule": f"learning-rate decay to 0 over the steps (or the time budget): poly (exponent 0.9) or cosine; "
                 f"{RECIPE}",
     "p_fg": f"share of patches centred on a tumour voxel; {RECIPE}",
-    "augment": "flips on all axes, intensity scale/shift, Gaussian noise",
-    "spatial_augment": "small rotations and scaling, batched on the device",
+    "augment": "augmentation level, run batched on the training device: none; light (mirroring, intensity "
+               "scale/shift, noise); nnunet (nnU-Net v2's default transforms: rotation, scaling, noise, blur, "
+               "brightness, contrast, low resolution, gamma, mirroring; rotated or scaled patches are cut from a "
+               f"region read larger than the patch); brats2020 (nnU-Net's BraTS 2020 DA4); {RECIPE}",
     "fold": "validation fold, 0 .. n-folds - 1 (k-fold split by case id), or 'all': train on every labelled "
             "case, no validation; the final weights (last.pt) are the model",
     "n_folds": "number of folds of the split (default 5; not with --fold all)",

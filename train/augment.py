@@ -1,106 +1,345 @@
-"""Batched augmentation on the training device: the CPU loader only reads chunks.
+"""Training augmentation at nnU-Net strength, batched on the training device.
 
-Every function takes an explicit ``torch.Generator`` (on CPU, so that a run
-is reproducible on any device) and returns new tensors.
+Named levels (:data:`LEVELS`, ``--augment``):
+
+* ``none``: the identity.
+* ``light``: mirroring on all axes, intensity scale/shift (x U(0.9, 1.1) +
+  U(-0.1, 0.1) per channel) and Gaussian noise (p 0.15); no spatial transform.
+* ``nnunet``: nnU-Net v2's default training transforms with their
+  probabilities and ranges (``nnUNetTrainer.get_training_transforms``):
+  rotation ±30° per axis (p 0.2), scaling 0.7–1.4 (p 0.2), Gaussian noise
+  (variance 0–0.1, p 0.1), Gaussian blur (sigma 0.5–1 per axis, p 0.2, each
+  channel p 0.5), multiplicative brightness 0.75–1.25 (p 0.15), contrast
+  0.75–1.25 keeping the range (p 0.15), simulated low resolution (zoom
+  0.5–1, p 0.25, each channel p 0.5), inverted gamma (p 0.1) and gamma
+  (p 0.3), 0.7–1.5, keeping mean and std; mirroring on all axes.
+* ``brats2020``: nnU-Net's BraTS 2020 "DA4" (Isensee et al. 2020): rotation
+  and scaling at p 0.3, scaling 0.65–1.6 drawn per axis, elastic deformation
+  (p 0.3), additive brightness (p 0.3), gamma 0.5–1.6.
+
+After every transform the brain mask is applied again, so outside the brain
+stays exactly 0, as the z-scored cache stores it.
+
+Randomness: the spatial parameters of sample ``k`` come from
+``np.random.default_rng([seed, k, SPATIAL_STREAM])`` in the loader, which
+must know them to read the region they need (:func:`spatial_draw`,
+:func:`region_for`); everything else is drawn from the step's
+``torch.Generator``. A run is therefore the same on any worker count and
+exact on resume. Only the samples drawn for a transform pay for it.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.config import Config
+from pipeline.errors import ConfigError
 
-def _uniform(n: tuple[int, ...], low: float, high: float, gen: torch.Generator) -> torch.Tensor:
-    return low + (high - low) * torch.rand(n, generator=gen)
+SPATIAL_STREAM = 7  # third seed word of the per-sample spatial generator
 
 
-def flips(image: torch.Tensor, label: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mirror each sample along each spatial axis with probability 1/2, image and label together.
+@dataclass(frozen=True)
+class AugmentConfig(Config):
+    """Probabilities and ranges of every transform (see the module docstring for the levels)."""
 
-    Args:
-        image: (B, C, X, Y, Z).
-        label: (B, X, Y, Z).
+    name: str = "custom"
+    mirror: bool = False
+    p_rotation: float = 0.0
+    max_rotation_deg: float = 30.0
+    p_scaling: float = 0.0
+    scaling: tuple[float, float] = (0.7, 1.4)
+    scale_per_axis: bool = False
+    p_elastic: float = 0.0
+    elastic_voxels: float = 6.0  # largest displacement
+    elastic_spacing: int = 16  # control-point spacing in voxels
+    p_noise: float = 0.0
+    noise_variance: tuple[float, float] = (0.0, 0.1)
+    p_blur: float = 0.0
+    blur_sigma: tuple[float, float] = (0.5, 1.0)
+    p_brightness: float = 0.0
+    brightness: tuple[float, float] = (0.75, 1.25)
+    p_contrast: float = 0.0
+    contrast: tuple[float, float] = (0.75, 1.25)
+    p_lowres: float = 0.0
+    lowres_zoom: tuple[float, float] = (0.5, 1.0)
+    p_gamma_inverted: float = 0.0
+    p_gamma: float = 0.0
+    gamma: tuple[float, float] = (0.7, 1.5)
+    p_additive: float = 0.0
+    additive_sigma: float = 0.1
+    p_scale_shift: float = 0.0  # the light level's intensity jitter
+    p_per_channel: float = 0.5  # blur and low resolution pick channels with this probability
+
+    def __post_init__(self) -> None:
+        for name, value in self.__dict__.items():
+            if name.startswith("p_") and not 0.0 <= value <= 1.0:
+                raise ConfigError(f"augmentation {name} must be in [0, 1], got {value!r}")
+        for name in ("scaling", "noise_variance", "blur_sigma", "brightness", "contrast", "lowres_zoom", "gamma"):
+            value = tuple(float(v) for v in getattr(self, name))
+            if len(value) != 2 or value[0] > value[1] or value[0] < 0:
+                raise ConfigError(f"augmentation {name} must be a range (low <= high, >= 0), got {value!r}")
+            object.__setattr__(self, name, value)
+
+    @property
+    def spatial(self) -> bool:
+        return self.p_rotation > 0 or self.p_scaling > 0 or self.p_elastic > 0
+
+
+NNUNET = dict(mirror=True, p_rotation=0.2, p_scaling=0.2, p_noise=0.1, p_blur=0.2, p_brightness=0.15,
+              p_contrast=0.15, p_lowres=0.25, p_gamma_inverted=0.1, p_gamma=0.3)
+LEVELS: dict[str, AugmentConfig] = {
+    "none": AugmentConfig(name="none"),
+    "light": AugmentConfig(name="light", mirror=True, p_scale_shift=1.0, p_noise=0.15,
+                           noise_variance=(0.0, 0.01)),
+    "nnunet": AugmentConfig(name="nnunet", **NNUNET),  # type: ignore[arg-type]
+    "brats2020": AugmentConfig(name="brats2020", **{**NNUNET, "p_rotation": 0.3, "p_scaling": 0.3},  # type: ignore[arg-type]
+                               scaling=(0.65, 1.6), scale_per_axis=True, p_elastic=0.3, p_additive=0.3,
+                               gamma=(0.5, 1.6)),
+}
+
+
+def augment_level(name: str) -> AugmentConfig:
+    """The named level. Raises ConfigError for an unknown name."""
+    if name not in LEVELS:
+        raise ConfigError(f"unknown augmentation level {name!r}; expected one of {sorted(LEVELS)}")
+    return LEVELS[name]
+
+
+# ---------------------------------------------------------------- spatial: drawn by the loader
+
+
+def rotation_matrix(angles: np.ndarray) -> np.ndarray:
+    """(3,) angles in radians about X, Y, Z -> (3, 3) rotation (X first)."""
+    cx, cy, cz = np.cos(angles)
+    sx, sy, sz = np.sin(angles)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return np.asarray(rz @ ry @ rx)
+
+
+def spatial_draw(cfg: AugmentConfig, seed: int, index: int) -> dict[str, Any] | None:
+    """The spatial transform of sample ``index``: None, or ``matrix`` (3, 3) mapping patch offsets to source
+    offsets (voxels) and ``elastic`` (seed of the displacement field, or None)."""
+    if not cfg.spatial:
+        return None
+    rng = np.random.default_rng([seed, int(index), SPATIAL_STREAM])
+    rotate, scale, elastic = rng.random(3) < (cfg.p_rotation, cfg.p_scaling, cfg.p_elastic)
+    angles = rng.uniform(-1, 1, 3) * math.radians(cfg.max_rotation_deg)
+    factors = rng.uniform(*cfg.scaling, 3 if cfg.scale_per_axis else 1) * np.ones(3)
+    elastic_seed = int(rng.integers(2**31 - 1))
+    if not (rotate or scale or elastic):
+        return None
+    matrix = (rotation_matrix(angles) if rotate else np.eye(3)) @ np.diag(factors if scale else np.ones(3))
+    return {"matrix": matrix, "elastic": elastic_seed if elastic else None}
+
+
+def region_for(draw: dict[str, Any], patch: tuple[int, int, int], cfg: AugmentConfig) -> tuple[int, int, int]:
+    """Size of the source region, centred on the patch, that a drawn transform samples from.
+
+    Half-extent per axis: ``sum_j |M_ij| * patch_j / 2``, plus the largest
+    elastic displacement and one voxel for linear interpolation.
     """
-    draws = torch.rand(image.shape[0], 3, generator=gen) < 0.5
-    images, labels = [], []
-    for i, axes in enumerate(draws.tolist()):
-        dims = [a for a in range(3) if axes[a]]
-        images.append(torch.flip(image[i], [d + 1 for d in dims]) if dims else image[i])
-        labels.append(torch.flip(label[i], dims) if dims else label[i])
-    return torch.stack(images), torch.stack(labels)
+    half = np.abs(draw["matrix"]) @ (np.asarray(patch, dtype=np.float64) / 2)
+    if draw["elastic"] is not None:
+        half = half + cfg.elastic_voxels
+    size = 2 * np.ceil(half + 1).astype(np.int64)
+    return (int(size[0]), int(size[1]), int(size[2]))
 
 
-def intensity(image: torch.Tensor, gen: torch.Generator, scale: float = 0.1, shift: float = 0.1) -> torch.Tensor:
-    """Per-sample, per-channel ``x * a + b`` inside the brain, a ~ U(1±scale), b ~ U(±shift).
+def _theta(matrix: np.ndarray, patch: tuple[int, ...], region: tuple[int, ...]) -> torch.Tensor:
+    """``affine_grid`` theta (3, 4) sampling a patch from the centre of a region (align_corners=False).
+
+    Normalised source coordinate of axis i = sum_j M_ij * patch_j / region_i * (normalised patch coordinate j);
+    ``affine_grid`` orders coordinates (last axis, ..., first axis), hence the reversal.
+    """
+    t = matrix * np.asarray(patch, dtype=np.float64)[None, :] / np.asarray(region, dtype=np.float64)[:, None]
+    theta = np.zeros((3, 4))
+    theta[:, :3] = t[::-1, ::-1]
+    return torch.from_numpy(theta).float()
+
+
+def _elastic_field(seed: int, patch: tuple[int, ...], region: tuple[int, ...], cfg: AugmentConfig,
+                   device: torch.device) -> torch.Tensor:
+    """(1, *patch, 3) smooth random displacement in normalised region coordinates (grid order)."""
+    gen = torch.Generator().manual_seed(seed)
+    coarse = [max(2, math.ceil(p / cfg.elastic_spacing) + 1) for p in patch]
+    field = torch.rand((1, 3, *coarse), generator=gen) * 2 - 1
+    amplitude = float(torch.rand((), generator=gen)) * cfg.elastic_voxels
+    field = F.interpolate(field.to(device), size=tuple(patch), mode="trilinear", align_corners=True) * amplitude
+    scale = torch.tensor([2.0 / r for r in region], device=device).view(1, 3, 1, 1, 1)
+    return (field * scale).permute(0, 2, 3, 4, 1).flip(-1)
+
+
+def warp_region(image: torch.Tensor, label: torch.Tensor, draw: dict[str, Any], patch: tuple[int, int, int],
+                cfg: AugmentConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample one patch out of its enlarged source region.
 
     Args:
-        image: (B, C, X, Y, Z) float; background (exactly 0) stays 0.
+        image: (C, RX, RY, RZ) float region on the device.
+        label: (RX, RY, RZ) integer region.
+
+    Returns:
+        (image (C, *patch) linear, label (*patch) nearest, brain mask (*patch) bool nearest).
+    """
+    region = tuple(image.shape[1:])
+    theta = _theta(draw["matrix"], patch, region).to(image.device)[None]
+    grid = F.affine_grid(theta, [1, 1, *patch], align_corners=False)
+    if draw["elastic"] is not None:
+        grid = grid + _elastic_field(draw["elastic"], patch, region, cfg, image.device)
+    out = F.grid_sample(image[None].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    masks = torch.stack([label.float(), (image != 0).any(0).float()])[None]
+    near = F.grid_sample(masks, grid, mode="nearest", padding_mode="zeros", align_corners=False)[0]
+    return out[0], near[0].round().to(label.dtype), near[1] > 0
+
+
+# ---------------------------------------------------------------- intensity: batched on the device
+
+
+def _chosen(n: int, p: float, gen: torch.Generator) -> list[int]:
+    return [i for i, hit in enumerate((torch.rand(n, generator=gen) < p).tolist()) if hit]
+
+
+def _uniform(shape: tuple[int, ...], low: float, high: float, gen: torch.Generator) -> torch.Tensor:
+    return low + (high - low) * torch.rand(shape, generator=gen)
+
+
+def _bg_contrast(shape: tuple[int, ...], bounds: tuple[float, float], gen: torch.Generator) -> torch.Tensor:
+    """nnU-Net's factor draw: half the time below 1, half above, so shrinking is as likely as growing."""
+    low, high = bounds
+    below = _uniform(shape, low, min(1.0, high), gen)
+    above = _uniform(shape, max(1.0, low), high, gen)
+    return torch.where(torch.rand(shape, generator=gen) < 0.5, below, above)
+
+
+def _per_channel(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    return values.to(x.device, x.dtype).view(*values.shape, *([1] * (x.ndim - values.ndim)))
+
+
+def _blur(volume: torch.Tensor, sigmas: list[float]) -> torch.Tensor:
+    """Separable Gaussian blur of one (X, Y, Z) volume, one sigma per axis (voxels)."""
+    out = volume[None, None]
+    for axis, sigma in enumerate(sigmas):
+        radius = max(1, math.ceil(3 * sigma))
+        t = torch.arange(-radius, radius + 1, dtype=volume.dtype, device=volume.device)
+        kernel = torch.exp(-0.5 * (t / sigma) ** 2)
+        kernel = (kernel / kernel.sum()).view(1, 1, *[-1 if a == axis else 1 for a in range(3)])
+        pad = [0, 0, 0, 0, 0, 0]
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius
+        out = F.conv3d(F.pad(out, pad, mode="replicate"), kernel)
+    return out[0, 0]
+
+
+def _gamma(x: torch.Tensor, gamma: torch.Tensor, invert: bool) -> torch.Tensor:
+    """Gamma per channel of (K, X, Y, Z), keeping each channel's mean and std (nnU-Net ``p_retain_stats=1``)."""
+    flat = x.flatten(1)
+    mean, std = flat.mean(1), flat.std(1)
+    y = -x if invert else x
+    lo = y.flatten(1).amin(1)
+    span = y.flatten(1).amax(1) - lo
+    y = ((y - _per_channel(y, lo)) / _per_channel(y, span + 1e-7)).clamp_min(0) ** _per_channel(y, gamma)
+    y = y * _per_channel(y, span + 1e-7) + _per_channel(y, lo)
+    y = -y if invert else y
+    f = y.flatten(1)
+    y = (y - _per_channel(y, f.mean(1))) / _per_channel(y, f.std(1) + 1e-7)
+    return y * _per_channel(y, std) + _per_channel(y, mean)
+
+
+def intensity(image: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
+    """Every intensity transform of ``cfg`` in nnU-Net's order, each on the samples drawn for it.
+
+    Args:
+        image: (B, C, X, Y, Z) float on the training device; modified in place and returned.
     """
     b, c = image.shape[:2]
-    a = _uniform((b, c), 1 - scale, 1 + scale, gen).to(image.device, image.dtype)
-    s = _uniform((b, c), -shift, shift, gen).to(image.device, image.dtype)
-    out = image * a[..., None, None, None] + s[..., None, None, None]
-    return torch.where(image == 0, image, out)
+    if cfg.p_scale_shift:
+        for i in _chosen(b, cfg.p_scale_shift, gen):
+            scale, shift = _uniform((c,), 0.9, 1.1, gen), _uniform((c,), -0.1, 0.1, gen)
+            image[i] = image[i] * _per_channel(image[i], scale) + _per_channel(image[i], shift)
+    for i in _chosen(b, cfg.p_noise, gen):
+        sigma = math.sqrt(float(_uniform((), *cfg.noise_variance, gen)))
+        seed = int(torch.randint(0, 2**31 - 1, (), generator=gen))
+        noise_gen = torch.Generator(device=image.device).manual_seed(seed)
+        image[i] += sigma * torch.randn(image[i].shape, generator=noise_gen, device=image.device, dtype=image.dtype)
+    for i in _chosen(b, cfg.p_blur, gen):
+        for ch in _chosen(c, cfg.p_per_channel, gen):
+            image[i, ch] = _blur(image[i, ch], _uniform((3,), *cfg.blur_sigma, gen).tolist())
+    for i in _chosen(b, cfg.p_brightness, gen):
+        image[i] *= _per_channel(image[i], _bg_contrast((c,), cfg.brightness, gen))
+    for i in _chosen(b, cfg.p_additive, gen):
+        image[i] += _per_channel(image[i], torch.randn(c, generator=gen) * cfg.additive_sigma)
+    for i in _chosen(b, cfg.p_contrast, gen):
+        x = image[i]
+        flat = x.flatten(1)
+        mean, lo, hi = flat.mean(1), flat.amin(1), flat.amax(1)
+        factor = _bg_contrast((c,), cfg.contrast, gen)
+        y = (x - _per_channel(x, mean)) * _per_channel(x, factor) + _per_channel(x, mean)
+        image[i] = torch.maximum(torch.minimum(y, _per_channel(x, hi)), _per_channel(x, lo))
+    for i in _chosen(b, cfg.p_lowres, gen):
+        for ch in _chosen(c, cfg.p_per_channel, gen):
+            zoom = float(_uniform((), *cfg.lowres_zoom, gen))
+            size = [max(1, round(s * zoom)) for s in image.shape[2:]]
+            low = F.interpolate(image[i, ch][None, None], size=size, mode="nearest")
+            image[i, ch] = F.interpolate(low, size=tuple(image.shape[2:]), mode="trilinear", align_corners=False)[0, 0]
+    for p, invert in ((cfg.p_gamma_inverted, True), (cfg.p_gamma, False)):
+        for i in _chosen(b, p, gen):
+            image[i] = _gamma(image[i], _bg_contrast((c,), cfg.gamma, gen), invert)
+    return image
 
 
-def gaussian_noise(image: torch.Tensor, gen: torch.Generator, p: float = 0.15, max_sigma: float = 0.1) -> torch.Tensor:
-    """Add N(0, sigma²) noise to a share ``p`` of the samples, sigma ~ U(0, max_sigma)."""
-    b = image.shape[0]
-    chosen = torch.rand(b, generator=gen) < p
-    sigma = _uniform((b,), 0.0, max_sigma, gen) * chosen
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
-    noise_gen = torch.Generator(device=image.device).manual_seed(seed)
-    noise = torch.randn(image.shape, generator=noise_gen, device=image.device, dtype=image.dtype)
-    return image + noise * sigma.to(image.device, image.dtype)[:, None, None, None, None]
+def mirror(image: torch.Tensor, label: torch.Tensor, mask: torch.Tensor, gen: torch.Generator
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mirror each sample along each spatial axis with probability 1/2, image, label and mask together."""
+    draws = (torch.rand(image.shape[0], 3, generator=gen) < 0.5).tolist()
+    for i, axes in enumerate(draws):
+        dims = [a for a in range(3) if axes[a]]
+        if dims:
+            image[i] = torch.flip(image[i], [d + 1 for d in dims])
+            label[i] = torch.flip(label[i], dims)
+            mask[i] = torch.flip(mask[i], dims)
+    return image, label, mask
 
 
-def _rotation(angles: torch.Tensor) -> torch.Tensor:
-    """(B, 3) angles in radians -> (B, 3, 3) rotation matrices (x, then y, then z)."""
-    cx, cy, cz = torch.cos(angles).unbind(1)
-    sx, sy, sz = torch.sin(angles).unbind(1)
-    one, zero = torch.ones_like(cx), torch.zeros_like(cx)
-    rx = torch.stack([one, zero, zero, zero, cx, -sx, zero, sx, cx], 1).view(-1, 3, 3)
-    ry = torch.stack([cy, zero, sy, zero, one, zero, -sy, zero, cy], 1).view(-1, 3, 3)
-    rz = torch.stack([cz, -sz, zero, sz, cz, zero, zero, zero, one], 1).view(-1, 3, 3)
-    return rz @ ry @ rx
-
-
-def spatial(
-    image: torch.Tensor, label: torch.Tensor, gen: torch.Generator, max_degrees: float = 15.0,
-    scale: tuple[float, float] = (0.85, 1.15), p: float = 0.2,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Small random rotations and scaling about the patch centre, batched with ``affine_grid``.
-
-    Applied to a share ``p`` of the samples; the image is resampled linearly,
-    the label by nearest neighbour with the same grid, so the two stay aligned.
-    Outside the patch is padded with 0 (background).
+def augment_batch(batch: dict[str, Any], cfg: AugmentConfig, gen: torch.Generator, device: torch.device
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The device-side pipeline: spatial samples from their regions, intensity transforms, mirroring, mask.
 
     Args:
-        image: (B, C, X, Y, Z) float.
-        label: (B, X, Y, Z) integer classes.
+        batch: from the loader: ``image`` (B, C, *patch) and ``label`` (B, *patch) (slots of spatial samples
+            are filled here), ``spatial``: list of (slot, region image, region label, draw).
+        cfg: the level.
+        gen: the step's generator (CPU).
+        device: the training device.
+
+    Returns:
+        (image (B, C, *patch) float32, label (B, *patch) long) on ``device``.
     """
-    b = image.shape[0]
-    chosen = (torch.rand(b, generator=gen) < p).float()[:, None]
-    angles = _uniform((b, 3), -1.0, 1.0, gen) * math.radians(max_degrees) * chosen
-    zoom = 1 + (_uniform((b, 1), *scale, gen) - 1) * chosen
-    theta = torch.cat([_rotation(angles) / zoom[..., None], torch.zeros(b, 3, 1)], dim=2)
-    grid = F.affine_grid(theta.to(image.device, torch.float32), list(image.shape), align_corners=False)
-    out = F.grid_sample(image.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    lab = F.grid_sample(label[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
-    return out.to(image.dtype), lab[:, 0].to(label.dtype)
+    # copies: the loader's tensors are never modified
+    image = batch["image"].to(device, torch.float32, non_blocking=True, copy=True)
+    label = batch["label"].to(device, torch.long, non_blocking=True, copy=True)
+    mask = (image != 0).any(1)
+    patch = tuple(image.shape[2:])
+    for slot, region_image, region_label, draw in batch.get("spatial", []):
+        out, lab, msk = warp_region(region_image.to(device).float(), region_label.to(device).long(), draw,
+                                    patch, cfg)  # type: ignore[arg-type]
+        image[slot], label[slot], mask[slot] = out, lab, msk
+    if cfg.name == "none":
+        return image, label
+    image = intensity(image, cfg, gen)
+    if cfg.mirror:
+        image, label, mask = mirror(image, label, mask, gen)
+    return image * mask[:, None], label
 
 
-def augment_batch(
-    image: torch.Tensor, label: torch.Tensor, gen: torch.Generator, *, basic: bool, spatial_aug: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The device-side augmentation pipeline: flips (``basic``), spatial (optional), intensity and noise
-    (``basic``)."""
-    if basic:
-        image, label = flips(image, label, gen)
-    if spatial_aug:
-        image, label = spatial(image, label, gen)
-    if basic:
-        image = gaussian_noise(intensity(image, gen), gen)
-    return image, label
+if __name__ == "__main__":  # python -m train.augment: write augmented patches to look at
+    import sys
+
+    from train.augment_cli import main
+
+    sys.exit(main())

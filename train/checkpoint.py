@@ -33,6 +33,10 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> Path
     return path
 
 
+#: What a run directory stands for, in order of preference.
+CHECKPOINT_NAMES = ("best.pt", "last.pt")
+
+
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint safely (``torch.load(..., weights_only=True)``: nothing is unpickled).
 
@@ -41,7 +45,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     """
     path = Path(path)
     if path.is_dir():  # a run directory: its best checkpoint, else its last
-        found = [p for p in (path / "best.pt", path / "last.pt") if p.exists()]
+        found = [path / n for n in CHECKPOINT_NAMES if (path / n).exists()]
         if not found:
             raise CheckpointError(f"no best.pt or last.pt in {path} (has training run an epoch there?)")
         path = found[0]

@@ -21,6 +21,7 @@ OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULES = ("poly", "cosine")
 AMP = ("none", "bf16", "fp16")
 LOADERS = ("threads", "processes")
+AUGMENT_LEVELS = ("none", "light", "nnunet", "brats2020")
 ALL = "all"
 
 #: The defaults of each device, chosen by measurement (docs/benchmarks.md, "Quality on real cases").
@@ -28,10 +29,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     # CPU: the best recipe under a 35-minute budget on 2 cores (found by 2-fold cross-validation
     # on the 8 real cases; bf16 autocast with channels-last runs 2.4x faster on CPUs with AMX/AVX512-BF16).
     "cpu": dict(preset="medium", patch_size=(96, 96, 96), batch_size=2, optimizer="adam", lr=1e-3,
-                schedule="cosine", p_fg=0.5, epochs=1000, iters_per_epoch=50),
+                schedule="cosine", p_fg=0.5, augment="light", epochs=1000, iters_per_epoch=50),
     # CUDA: nnU-Net's 3d_fullres recipe for BraTS (1000 epochs x 250 steps, SGD 0.01, poly).
     "cuda": dict(preset="brats", patch_size=(128, 128, 128), batch_size=2, optimizer="sgd", lr=0.01,
-                 schedule="poly", p_fg=0.33, epochs=1000, iters_per_epoch=250),
+                 schedule="poly", p_fg=0.33, augment="nnunet", epochs=1000, iters_per_epoch=250),
 }
 
 #: Post-processing a run of each recipe starts with (``RUN/postprocessing.json``), chosen by
@@ -55,9 +56,9 @@ class TrainConfig(Config):
     Data: ``cache_dir`` (a keyed cache), ``patch_size`` (voxels per axis),
     ``batch_size``, ``p_fg`` (share of tumour-centred patches), ``fold`` of
     ``n_folds`` (validation split by case id; ``"all"``: every labelled case
-    trains, no validation, as nnU-Net's ``all``), ``augment`` (flips,
-    intensity, noise), ``spatial_augment`` (small rotations and scaling, on
-    the device).
+    trains, no validation, as nnU-Net's ``all``), ``augment`` (a level of
+    :data:`train.augment.LEVELS`: none, light, nnunet, brats2020; run on the
+    training device).
     Model: ``preset``, ``loss_mode`` ("regions": sigmoid WT/TC/ET, Dice+BCE;
     "classes": softmax, Dice+CE), ``deep_supervision`` (None: the preset's).
     Optimisation: ``optimizer`` ("sgd": Nesterov, momentum 0.99 as nnU-Net;
@@ -88,8 +89,7 @@ class TrainConfig(Config):
     schedule: str | None = None
     weight_decay: float = 3e-5
     p_fg: float | None = None
-    augment: bool = True
-    spatial_augment: bool = False
+    augment: str | None = None
     fold: int | str = 0
     n_folds: int | None = None
     seed: int = 0
@@ -135,6 +135,8 @@ class TrainConfig(Config):
             (self.val_every >= 1, "val_every", self.val_every),
             (0.0 <= self.val_overlap < 1.0, "val_overlap", self.val_overlap),
             (self.loss_mode in ("regions", "classes"), "loss_mode", self.loss_mode),
+            (self.augment is None or self.augment in AUGMENT_LEVELS, f"augment (one of {AUGMENT_LEVELS})",
+             self.augment),
         ]
         for ok, name, value in checks:
             if not ok:

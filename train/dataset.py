@@ -26,15 +26,18 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from pipeline.cache import CachedCase, open_cache, open_case
 from pipeline.errors import ConfigError
 from pipeline.sampling import choose_patch_start
+from train.augment import LEVELS, AugmentConfig, region_for, spatial_draw
 
 
 @dataclass(frozen=True)
 class PatchSpec:
-    """What a patch is: size, share of tumour-centred patches, seed."""
+    """What a patch is: size, share of tumour-centred patches, seed, and the augmentation whose spatial
+    part decides how large a region the loader reads."""
 
     patch_size: tuple[int, int, int]
     p_fg: float = 0.33
     seed: int = 0
+    augment: AugmentConfig = LEVELS["none"]
 
 
 class PatchDataset(Dataset[dict[str, Any]]):
@@ -83,29 +86,36 @@ class PatchDataset(Dataset[dict[str, Any]]):
         start, cls = choose_patch_start(case.shape, self.spec.patch_size, indices, self.spec.p_fg, rng)
         return case, start, cls
 
+    def read_region(self, case: CachedCase, start: tuple[int, int, int], draw: dict[str, Any]) -> dict[str, Any]:
+        """The region, centred on the patch, that a drawn spatial transform samples from (only the chunks it
+        touches are read; outside the volume is 0)."""
+        size = region_for(draw, self.spec.patch_size, self.spec.augment)
+        corner = tuple(s + p // 2 - r // 2 for s, p, r in zip(start, self.spec.patch_size, size))
+        image, label = case.read_patch(corner, size)  # type: ignore[arg-type]
+        return {"image": torch.from_numpy(image), "label": torch.from_numpy(label), "draw": draw}
+
     def load_into(self, index: int, image: np.ndarray, label: np.ndarray) -> dict[str, Any]:
-        """Read sample ``index`` into preallocated arrays; returns its metadata.
+        """Read sample ``index`` into preallocated arrays, or its enlarged region when it is drawn for a
+        spatial transform (``region`` in the result; the arrays are then left for the device to fill).
 
         Args:
             image: (4, px, py, pz) array of the cache's image dtype, overwritten.
             label: (px, py, pz) uint8 array, overwritten.
         """
         case, start, cls = self.locate(index)
+        meta = {"case_id": case.case_id, "start": torch.tensor(start), "fg_class": cls}
+        draw = spatial_draw(self.spec.augment, self.spec.seed, index)
+        if draw is not None:
+            return {**meta, "region": self.read_region(case, start, draw)}
         case.read_patch(start, self.spec.patch_size, out=(image, label))
-        return {"case_id": case.case_id, "start": torch.tensor(start), "fg_class": cls}
+        return meta
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        case, start, cls = self.locate(index)
-        image, label = case.read_patch(start, self.spec.patch_size)
-        if label is None:  # excluded by _case; keeps the type checker informed
-            raise ConfigError(f"{case.case_id}: has no label map")
-        return {
-            "image": torch.from_numpy(image),
-            "label": torch.from_numpy(label),
-            "case_id": case.case_id,
-            "start": torch.tensor(start),
-            "fg_class": cls,
-        }
+        size = self.spec.patch_size
+        image = np.zeros((4, *size), self.image_dtype)
+        label = np.zeros(size, np.uint8)
+        return {"image": torch.from_numpy(image), "label": torch.from_numpy(label),
+                **self.load_into(index, image, label)}
 
 
 class RunSampler(Sampler[int]):
@@ -122,13 +132,22 @@ class RunSampler(Sampler[int]):
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack a list of dataset items into a batch."""
+    """Stack a list of dataset items into a batch; enlarged regions go to ``spatial``."""
     return {
         "image": torch.stack([i["image"] for i in items]),
         "label": torch.stack([i["label"] for i in items]),
+        **_metadata(items),
+    }
+
+
+def _metadata(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Batch metadata, and ``spatial``: (slot, region image, region label, draw) of the spatial samples."""
+    return {
         "case_id": [i["case_id"] for i in items],
         "start": torch.stack([i["start"] for i in items]),
         "fg_class": torch.tensor([i["fg_class"] for i in items]),
+        "spatial": [(j, i["region"]["image"], i["region"]["label"], i["region"]["draw"])
+                    for j, i in enumerate(items) if "region" in i],
     }
 
 
@@ -150,10 +169,7 @@ def thread_batches(
             batch, futures = ahead.pop(0)
             if step + 2 < steps:
                 ahead.append(_submit(pool, dataset, first_step + step + 2, batch_size, pin_memory))
-            meta = [f.result() for f in futures]
-            batch["case_id"] = [m["case_id"] for m in meta]
-            batch["start"] = torch.stack([m["start"] for m in meta])
-            batch["fg_class"] = torch.tensor([m["fg_class"] for m in meta])
+            batch.update(_metadata([f.result() for f in futures]))
             yield batch
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

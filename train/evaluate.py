@@ -33,7 +33,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from pipeline import nifti
+from pipeline import lesions, nifti
 from pipeline import transforms as T
 from pipeline.cache import open_cache, open_case
 from pipeline.device import resolve_device
@@ -47,6 +47,7 @@ from train.checkpoint import load_checkpoint
 Pair = tuple[np.ndarray, np.ndarray, tuple[float, float, float]]
 Loader = tuple[str, Callable[[], Pair]]
 TABLE_METRICS = ("Dice", "HD95", "Sensitivity", "Specificity")
+LESION_METRICS = ("LesionDice", "LesionHD95")
 
 
 def to_classes(case_id: str, path: Path, data: np.ndarray, label_map: dict[int, int]) -> np.ndarray:
@@ -140,14 +141,19 @@ def _folder_loaders(pred_dir: Path, gt_dir: Path) -> tuple[list[Loader], dict[st
     return loaders, failed
 
 
-def evaluate_loaders(loaders: list[Loader], progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """Metrics of every case (``case_id`` first); failures are reported and collected, not raised."""
+def evaluate_loaders(loaders: list[Loader], progress: bool = True, lesion_wise: bool = False
+                     ) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Metrics of every case (``case_id`` first), with the lesion-wise ones if asked; failures are reported and
+    collected, not raised."""
     rows: list[dict[str, Any]] = []
     failed: dict[str, str] = {}
     for case_id, load in tqdm(loaders, desc="evaluate", unit="case", disable=not progress):
         try:
             pred, gt, spacing = load()
-            rows.append({"case_id": case_id, **evaluate_case(pred, gt, spacing)})
+            row = {"case_id": case_id, **evaluate_case(pred, gt, spacing)}
+            if lesion_wise:
+                row.update(lesions.lesion_wise(pred, gt, spacing))
+            rows.append(row)
         except (PipelineError, OSError, ValueError, MemoryError) as exc:
             failed[case_id] = str(exc) if isinstance(exc, CaseError) else f"{case_id}: {type(exc).__name__}: {exc}"
             tqdm.write(f"FAILED {failed[case_id]}", file=sys.stderr)
@@ -182,10 +188,11 @@ def _write_boxplot(path: Path, rows: list[dict[str, Any]]) -> None:
 def format_table(summary: dict[str, Any]) -> str:
     """Mean ± std per region of Dice, HD95, sensitivity and specificity."""
     stats = summary["metrics"]
-    lines = [f"{'region':<8}" + "".join(f"{m:^21}" for m in TABLE_METRICS)]
+    shown = TABLE_METRICS + tuple(m for m in LESION_METRICS if f"{m}_WT" in stats)
+    lines = [f"{'region':<8}" + "".join(f"{m:^21}" for m in shown)]
     for reg in REGIONS:
         cells = []
-        for m in TABLE_METRICS:
+        for m in shown:
             s = stats.get(f"{m}_{reg}")
             cells.append(f"{s['mean']:>11.4f} ± {s['std']:<7.3f}" if s else f"{'-':^21}")
         lines.append(f"{reg:<8}" + "".join(cells))
@@ -209,7 +216,7 @@ def write_reports(out_dir: Path, rows: list[dict[str, Any]], failed: dict[str, s
 
 
 def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, out_dir: str | Path | None = None,
-                     *, progress: bool = True) -> dict[str, Any]:
+                     *, progress: bool = True, lesion_wise: bool = False) -> dict[str, Any]:
     """Evaluate ``PRED/<case_id>.nii.gz`` against the raw GT cases; reports go to ``out_dir`` (default PRED).
 
     Returns:
@@ -222,7 +229,7 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, out_dir: str | Pa
     if not pred_dir.is_dir():
         raise FileNotFoundError(f"prediction folder not found: {pred_dir}")
     loaders, missing = _folder_loaders(pred_dir, gt_dir)
-    rows, failed = evaluate_loaders(loaders, progress)
+    rows, failed = evaluate_loaders(loaders, progress, lesion_wise)
     known = {cid for cid, _ in loaders} | set(missing)
     extra = {"pred_dir": str(pred_dir), "gt_dir": str(gt_dir), "predictions_without_gt": _unmatched(pred_dir, known)}
     return write_reports(Path(out_dir or pred_dir), rows, {**missing, **failed}, extra)
@@ -256,7 +263,8 @@ def _log_tensorboard(tb_dir: Path, summary: dict[str, Any], step: int) -> None:
 
 
 def evaluate_run(run_dir: str | Path, cfg: P.PredictConfig | None = None, *, cache_dir: str | Path | None = None,
-                 out_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+                 out_dir: str | Path | None = None, progress: bool = True, lesion_wise: bool = False
+                 ) -> dict[str, Any]:
     """Predict and evaluate a run's validation cases straight from its cache.
 
     Args:
@@ -280,7 +288,7 @@ def evaluate_run(run_dir: str | Path, cfg: P.PredictConfig | None = None, *, cac
     loaders: list[Loader] = [
         (cid, partial(_cache_pair, open_cache(cache).path, cid, pred_dir / f"{cid}.nii.gz")) for cid in done.written
     ]
-    rows, failed = evaluate_loaders(loaders, progress)
+    rows, failed = evaluate_loaders(loaders, progress, lesion_wise)
     extra = {"checkpoint": predictor.checkpoint, "step": predictor.step, "cache_dir": str(cache),
              "predictions": str(pred_dir), "settings": cfg.to_dict()}
     summary = write_reports(Path(out_dir or run_dir / "evaluation"), rows, {**done.failed, **failed}, extra)
@@ -303,6 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gt", metavar="GT", help="folder of raw case folders with label maps (with --pred)")
     p.add_argument("--out", metavar="OUT", help="report folder (default: PRED; with --run: RUN/evaluation)")
     p.add_argument("--cache-dir", metavar="CACHE", help="with --run: override the cache recorded in the run")
+    p.add_argument("--lesion-wise", action="store_true",
+                   help="also the BraTS 2023+ lesion-wise Dice and HD95 per region (lesions merged after 3 "
+                   "dilations, lesions of 50 mm3 or less not scored, each miss or false-positive lesion scores "
+                   "Dice 0 and HD95 374 mm), with lesion TP/FN/FP counts")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     P.add_inference_args(p)
     return p
@@ -317,9 +329,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.run:
             summary = evaluate_run(args.run, P.config_from_args(args), cache_dir=args.cache_dir,
-                                   out_dir=args.out, progress=not args.no_progress)
+                                   out_dir=args.out, progress=not args.no_progress, lesion_wise=args.lesion_wise)
         else:
-            summary = evaluate_folders(args.pred, args.gt, args.out, progress=not args.no_progress)
+            summary = evaluate_folders(args.pred, args.gt, args.out, progress=not args.no_progress,
+                                       lesion_wise=args.lesion_wise)
     except (PipelineError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -45,7 +45,7 @@ from pipeline.inference import probs_to_labels, sliding_window_predict
 from pipeline.nifti import CaseFiles, discover_cases, read_case, save_volume
 from pipeline.postprocess import PostProcessing, apply
 from pipeline.provenance import run_record
-from train.checkpoint import load_checkpoint, model_from_checkpoint
+from train.checkpoint import CHECKPOINT_NAMES, load_checkpoint, model_from_checkpoint
 
 POSTPROCESSING = "postprocessing.json"
 #: Output activation per training loss mode.
@@ -108,6 +108,64 @@ class Predictor:
     step: int
     autocast: torch.dtype | None = None
     post: PostProcessing | None = None  # the run's post-processing, if it has one
+    members: tuple[str, ...] = ()  # checkpoints of an ensemble
+
+
+class EnsembleModel(torch.nn.Module):
+    """Several networks of one recipe (e.g. the folds of a cross-validation) as one.
+
+    Averages the members' probabilities (sigmoid or softmax, as nnU-Net
+    ensembles folds) and returns them as logits of that average, so that the
+    sliding window's activation gives back exactly the mean probability.
+    """
+
+    def __init__(self, models: Sequence[torch.nn.Module], output: Output) -> None:
+        super().__init__()
+        self.members = torch.nn.ModuleList(models)
+        self.output = output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [m(x) for m in self.members]
+        logits = [(o if isinstance(o, torch.Tensor) else o[0]).float() for o in outs]
+        if self.output == "sigmoid":
+            return torch.logit(torch.stack([torch.sigmoid(o) for o in logits]).mean(0), eps=1e-7)
+        return torch.stack([torch.softmax(o, dim=1) for o in logits]).mean(0).clamp_min(1e-12).log()
+
+
+def ensemble(predictors: Sequence[Predictor]) -> Predictor:
+    """One predictor averaging ``predictors`` (the first's post-processing applies).
+
+    Raises:
+        CheckpointError: members that differ in output, patch size or input dtype.
+    """
+    first = predictors[0]
+    if len(predictors) == 1:
+        return first
+    for p in predictors[1:]:
+        if (p.output, p.patch_size, p.input_dtype) != (first.output, first.patch_size, first.input_dtype):
+            raise CheckpointError(f"cannot ensemble {p.checkpoint} with {first.checkpoint}: output, patch size or "
+                                  f"input dtype differ ({p.output, p.patch_size, p.input_dtype} vs "
+                                  f"{first.output, first.patch_size, first.input_dtype})")
+    model = EnsembleModel([p.model for p in predictors], first.output).eval()
+    return dataclasses.replace(first, model=model, checkpoint=f"ensemble of {len(predictors)}",
+                               members=tuple(p.checkpoint for p in predictors))
+
+
+def run_checkpoints(runs: Sequence[str | Path]) -> list[Path]:
+    """The checkpoints to predict with: each run directory's best (else last) or checkpoint file; a folder
+    holding run directories (a cross-validation) stands for all of them.
+
+    Raises:
+        CheckpointError: nothing to predict with.
+    """
+    found: list[Path] = []
+    for run in map(Path, runs):
+        nested = sorted(d for d in run.iterdir() if d.is_dir() and any((d / n).exists() for n in CHECKPOINT_NAMES)) \
+            if run.is_dir() and not any((run / n).exists() for n in CHECKPOINT_NAMES) else []
+        found += nested or [run]
+    if not found:
+        raise CheckpointError(f"no checkpoint in {[str(r) for r in runs]}")
+    return found
 
 
 @dataclass
@@ -334,7 +392,8 @@ def write_record(summary: PredictSummary, predictor: Predictor, cfg: PredictConf
     """Write ``predict_record.json`` beside the predictions."""
     n = len(summary.written) + len(summary.failed)
     body = {
-        "checkpoint": predictor.checkpoint, "step": predictor.step, "source": source,
+        "checkpoint": predictor.checkpoint, "members": list(predictor.members), "step": predictor.step,
+        "source": source,
         "output": predictor.output, "probability_channels": CHANNELS[predictor.output],
         "patch_size": list(predictor.patch_size), "device": str(predictor.device),
         "settings": cfg.to_dict(), "postprocessing": (post.to_dict() if (post := postprocessing_of(predictor, cfg))
@@ -349,10 +408,11 @@ def write_record(summary: PredictSummary, predictor: Predictor, cfg: PredictConf
 
 
 def run_predict(
-    run: str | Path, out_dir: str | Path, cfg: PredictConfig, *, input_dir: str | Path | None = None,
+    run: str | Path | Sequence[str | Path], out_dir: str | Path, cfg: PredictConfig, *, input_dir: str | Path | None = None,
     cache_dir: str | Path | None = None, case_ids: Sequence[str] | None = None, progress: bool = True,
 ) -> PredictSummary:
-    """Load a checkpoint (or a run directory's best) and predict raw or cached cases into ``out_dir``.
+    """Load a checkpoint (or a run directory's best), or several as an ensemble, and predict raw or cached
+    cases into ``out_dir``.
 
     Raises:
         ConfigError: neither or both of ``input_dir`` and ``cache_dir``.
@@ -360,7 +420,9 @@ def run_predict(
     """
     if (input_dir is None) == (cache_dir is None):
         raise ConfigError(f"give exactly one of input_dir ({input_dir}) and cache_dir ({cache_dir})")
-    predictor = load_predictor(load_checkpoint(run), resolve_device(cfg.device))
+    device = resolve_device(cfg.device)
+    runs = [run] if isinstance(run, (str, Path)) else list(run)
+    predictor = ensemble([load_predictor(load_checkpoint(r), device) for r in run_checkpoints(runs)])
     if input_dir is not None:
         sources, where = raw_sources(input_dir, case_ids, predictor.input_dtype), str(input_dir)
     else:
@@ -402,8 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
         "uint8 raw BraTS labels (ET = 4 for 2018-2021 cases, 3 for 2023) on the input's grid, affine and "
         "header, plus OUT/predict_record.json. Exit code 1 if any case failed, 2 if nothing could start.",
     )
-    p.add_argument("--run", required=True, metavar="RUN_OR_CHECKPOINT",
-                   help="run directory (its best.pt, else last.pt) or a checkpoint file")
+    p.add_argument("--run", required=True, nargs="+", metavar="RUN_OR_CHECKPOINT",
+                   help="run directory (its best.pt, else last.pt) or a checkpoint file; several, or a folder of "
+                   "run directories (e.g. the folds of python -m train.cv), predict as an ensemble that "
+                   "averages their probabilities")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", metavar="IN", help="folder of raw case folders (searched recursively)")
     src.add_argument("--cache-dir", metavar="CACHE", help="a preprocessed cache instead of raw input")

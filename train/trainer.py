@@ -23,7 +23,7 @@ from pipeline.losses import LossConfig, SegmentationLoss, num_outputs
 from pipeline.metrics import batch_region_dice
 from pipeline.model import ModelConfig, build_model, model_preset
 from pipeline.provenance import run_record
-from train.augment import augment_batch
+from train.augment import augment_batch, augment_level
 from pipeline.errors import CheckpointError, ConfigError
 from train.checkpoint import load_checkpoint, save_checkpoint
 from train.config import ALL, RECIPE_POSTPROCESSING, TrainConfig, recipe_name, resolve
@@ -128,11 +128,7 @@ def train_step(parts: Parts, step_model: nn.Module, batch: dict[str, Any], gen: 
     """One optimisation step on a batch at learning rate ``lr``; returns ``loss`` and ``lr``."""
     for group in parts.optimizer.param_groups:
         group["lr"] = lr
-    image = batch["image"].to(parts.device, non_blocking=True).float()
-    label = batch["label"].to(parts.device, non_blocking=True).long()
-    image, label = augment_batch(
-        image, label, gen, basic=parts.cfg.augment, spatial_aug=parts.cfg.spatial_augment
-    )
+    image, label = augment_batch(batch, augment_level(str(parts.cfg.augment)), gen, parts.device)
     if parts.cfg.channels_last:
         image = image.contiguous(memory_format=torch.channels_last_3d)
     parts.model.train()
@@ -274,7 +270,8 @@ def fit(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dic
     clock.start()
     _write_run_files(parts, run_dir)
     step_model = torch.compile(parts.model) if cfg.compile else parts.model
-    spec = PatchSpec(tuple(cfg.patch_size or ()), float(cfg.p_fg or 0.0), seed=cfg.seed)  # type: ignore[arg-type]
+    spec = PatchSpec(tuple(cfg.patch_size or ()), float(cfg.p_fg or 0.0), seed=cfg.seed,  # type: ignore[arg-type]
+                     augment=augment_level(str(cfg.augment)))
     dataset = PatchDataset(parts.cache_dir, parts.split["train"], spec, cfg.total_steps * int(cfg.batch_size or 1))
     writer = SummaryWriter(str(run_dir / "tb"), purge_step=step or None)
     last: dict[str, Any] = dict(history[-1]) if history else {}

@@ -14,6 +14,7 @@ Only this package imports zarr. Everything else goes through
 """
 
 from pipeline.cache.store import (
+    CODECS,
     FORMAT_VERSION,
     MANIFEST,
     CachedCase,
@@ -33,6 +34,7 @@ from pipeline.cache.store import (
 )
 
 __all__ = [
+    "CODECS",
     "FORMAT_VERSION",
     "MANIFEST",
     "CachedCase",

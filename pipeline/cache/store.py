@@ -28,7 +28,8 @@ from pipeline.errors import CacheFormatError, ConfigError
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 _SUFFIX = ".zarr"
-_CODECS = ("zstd", "lz4", "lz4hc", "blosclz", "zlib")
+#: Blosc compressors, and "none": raw chunk files that the reader memory-maps (the speed setting).
+CODECS = ("zstd", "lz4", "lz4hc", "blosclz", "zlib", "none")
 _SHUFFLES = ("noshuffle", "shuffle", "bitshuffle")
 
 
@@ -40,7 +41,10 @@ class PreprocessConfig(Config):
         dtype: on-disk image dtype; float16 halves every read (chosen by
             measurement, docs/benchmarks.md).
         chunk: spatial chunk shape; a chunk holds all four channels.
-        codec: Blosc compressor name.
+        codec: Blosc compressor name, or ``"none"``: uncompressed chunk
+            files, read by copying the patch out of memory-mapped chunks (the
+            speed setting, about 2.5x the disk of ``zstd``; see
+            docs/cache-format.md for when to pick it).
         clevel: compression level 0..9.
         shuffle: Blosc byte filter.
         blocksize: Blosc block size in bytes (0: Blosc's choice); larger
@@ -65,8 +69,8 @@ class PreprocessConfig(Config):
             raise ConfigError(f"dtype must be float16 or float32, got {self.dtype!r}")
         if len(self.chunk) != 3 or min(self.chunk) < 8:
             raise ConfigError(f"chunk must be three sizes >= 8, got {self.chunk}")
-        if self.codec not in _CODECS:
-            raise ConfigError(f"codec must be one of {_CODECS}, got {self.codec!r}")
+        if self.codec not in CODECS:
+            raise ConfigError(f"codec must be one of {CODECS}, got {self.codec!r}")
         if self.shuffle not in _SHUFFLES:
             raise ConfigError(f"shuffle must be one of {_SHUFFLES}, got {self.shuffle!r}")
         if self.blocksize < 0:
@@ -98,11 +102,13 @@ def case_path(cache_dir: str | os.PathLike[str], case_id: str) -> Path:
 def _create(group: zarr.Group, name: str, data: np.ndarray, chunks: tuple[int, ...], cfg: PreprocessConfig) -> None:
     # names validated in PreprocessConfig; zarr types them as enums/literals
     cname, shuffle = cast(Any, cfg.codec), cast(Any, cfg.shuffle)
-    codec = BloscCodec(
-        cname=cname, clevel=cfg.clevel, shuffle=shuffle, typesize=data.dtype.itemsize, blocksize=cfg.blocksize
-    )
+    compressors: Any = None
+    if cfg.codec != "none":
+        compressors = [BloscCodec(
+            cname=cname, clevel=cfg.clevel, shuffle=shuffle, typesize=data.dtype.itemsize, blocksize=cfg.blocksize
+        )]
     arr = group.create_array(
-        name, shape=data.shape, chunks=chunks, dtype=data.dtype, compressors=[codec], fill_value=0
+        name, shape=data.shape, chunks=chunks, dtype=data.dtype, compressors=compressors, fill_value=0
     )
     arr[...] = data
 
@@ -301,7 +307,8 @@ class _ArrayMeta:
     shape: tuple[int, ...]
     chunks: tuple[int, ...]
     dtype: np.dtype
-    fast: bool  # bytes(little) + blosc only, separator "/", fill 0, leading axes unchunked
+    fast: bool  # bytes(little) [+ blosc], separator "/", fill 0, leading axes unchunked
+    raw: bool  # no compressor: chunk files are the C-order bytes, memory-mapped
 
     @classmethod
     def load(cls, path: Path) -> _ArrayMeta:
@@ -311,13 +318,13 @@ class _ArrayMeta:
         names = [c["name"] for c in meta["codecs"]]
         endian = meta["codecs"][0].get("configuration", {}).get("endian", "little")
         fast = (
-            names == ["bytes", "blosc"]
+            names in (["bytes", "blosc"], ["bytes"])
             and endian == "little"
             and meta["chunk_key_encoding"] == {"name": "default", "configuration": {"separator": "/"}}
             and meta["fill_value"] in (0, 0.0)
             and chunks[:-3] == shape[:-3]
         )
-        return cls(path, shape, chunks, np.dtype(meta["data_type"]).newbyteorder("<"), fast)
+        return cls(path, shape, chunks, np.dtype(meta["data_type"]).newbyteorder("<"), fast, names == ["bytes"])
 
 
 class CachedCase:
@@ -437,11 +444,14 @@ def _read_box(
     prefix = meta.path / "c" / Path(*(["0"] * len(lead))) if lead else meta.path / "c"
     block = _chunk_buffer(meta.dtype, meta.chunks)
     for ijk in itertools.product(*(range(a // c, (b - 1) // c + 1) for a, b, c in zip(lo, hi, cs))):
+        chunk_file = prefix / f"{ijk[0]}/{ijk[1]}/{ijk[2]}"
         try:
-            raw = (prefix / f"{ijk[0]}/{ijk[1]}/{ijk[2]}").read_bytes()
+            if meta.raw:  # the speed setting: copy straight out of the mapped file, decode nothing
+                block = np.memmap(chunk_file, dtype=meta.dtype, mode="r", shape=meta.chunks)
+            else:
+                numcodecs.blosc.decompress(chunk_file.read_bytes(), block)
         except FileNotFoundError:
             continue  # chunk never written: all fill value (0)
-        numcodecs.blosc.decompress(raw, block)
         g0 = [max(i * c, a) for i, c, a in zip(ijk, cs, lo)]
         g1 = [min((i + 1) * c, b) for i, c, b in zip(ijk, cs, hi)]
         dst = (Ellipsis, *(slice(a - s, b - s) for a, b, s in zip(g0, g1, start)))

@@ -1,0 +1,80 @@
+"""``python -m train.cv --cache-dir C --run-dir R``: every fold of a cross-validation, then ``all``.
+
+Trains ``R/fold_0`` .. ``R/fold_{K-1}`` and ``R/all`` in turn with the same
+settings (any ``python -m train`` flag), each resumable: a run whose
+``last.pt`` exists is resumed (and finishes at once when it is complete), so
+re-running the command after an interruption continues fold by fold. Then the
+post-processing is chosen on the pooled out-of-fold predictions of the folds
+(:mod:`train.postprocess`) and stored in every run. Predict with the ensemble
+of folds (``python -m train.predict --run R/fold_*``) or with the ``all`` model
+(``--run R/all``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+from train import predict as P
+from train.__main__ import build_parser as train_parser
+from train.config import ALL, TrainConfig
+from train.postprocess import out_of_fold, write_postprocessing
+
+
+def fold_runs(run_dir: Path, n_folds: int) -> list[Path]:
+    """Run directories of the folds, in order."""
+    return [run_dir / f"fold_{k}" for k in range(n_folds)]
+
+
+def run_cv(base: TrainConfig, n_folds: int, with_all: bool = True, progress: bool = True) -> list[Path]:
+    """Train every fold (and ``all``), choose post-processing on the folds; returns the run directories."""
+    from pipeline.postprocess import choose
+    from train.trainer import fit
+
+    root = Path(base.run_dir)
+    folds = fold_runs(root, n_folds)
+    jobs: list[tuple[Path, int | str]] = [(run, k) for k, run in enumerate(folds)]
+    if with_all:
+        jobs.append((root / ALL, ALL))
+    for run, fold in jobs:
+        fields = base.to_dict() | {"run_dir": str(run), "fold": fold, "n_folds": None if fold == ALL else n_folds}
+        print(f"== {run.name} ==", flush=True)
+        fit(TrainConfig.from_dict(fields), resume=(run / "last.pt").exists(), progress=progress)
+    preds, truths = out_of_fold(folds, P.PredictConfig(), progress=progress)
+    post = choose(preds, truths)
+    for run, _ in jobs:
+        write_postprocessing(run, post)
+    print(f"post-processing chosen on {len(preds)} out-of-fold cases: {post.describe()}", flush=True)
+    return [run for run, _ in jobs]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = train_parser()
+    p.prog = "python -m train.cv"
+    p.description = (__doc__ or "").split("\n\n")[1].replace("\n", " ")
+    p.add_argument("--no-all", action="store_true", help="train only the folds, not the 'all' model")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    with_all, progress = not args.pop("no_all"), not args.pop("no_progress")
+    args.pop("resume")  # every run resumes when it has a checkpoint
+    if args.get("fold") not in (None, 0, "0"):
+        print("error: train.cv trains every fold; it takes no --fold", file=sys.stderr)
+        return 2
+    n_folds = int(args.pop("n_folds") or 5)
+    args.pop("fold")
+    try:
+        run_cv(TrainConfig(**args), n_folds, with_all, progress)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
