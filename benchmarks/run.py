@@ -27,6 +27,7 @@ from pipeline.provenance import git_commit
 SECTIONS: dict[str, str] = {
     "offline": "benchmarks.offline:run",
     "training": "benchmarks.training:run",
+    "augmentation": "benchmarks.augmentation:run",
     "quality": "benchmarks.quality:run",
 }
 

@@ -18,6 +18,7 @@ from benchmarks.common import load_average, shared_data_dir, table
 from benchmarks.loaders import NiftiReader, patch_sequence
 from benchmarks.offline import synthetic_raw
 from pipeline.cache import PreprocessConfig, open_cache, open_case
+from pipeline.device import cpu_bf16
 from pipeline.losses import LossConfig, SegmentationLoss, num_outputs
 from pipeline.model import build_model, count_parameters, model_preset
 from pipeline.nifti import discover_cases
@@ -76,23 +77,29 @@ def nifti_rate(raw: Path, cache_dir: Path, patches: int) -> dict[str, Any]:
     return {"patches": patches, "seconds": dt, "per_s": patches / dt}
 
 
-def step_time(preset: str, patch: tuple[int, int, int], steps: int = 3) -> dict[str, Any]:
-    """Seconds per CPU training step (forward, Dice+BCE, backward, SGD), batch 2, after one warm step."""
+def step_time(preset: str, patch: tuple[int, int, int], steps: int = 3, bf16: bool = False) -> dict[str, Any]:
+    """Seconds per CPU training step (forward, Dice+BCE, backward, SGD), batch 2, after one warm step;
+    ``bf16``: autocast with channels-last tensors, as the CPU recipe trains where the CPU runs bf16 natively."""
     torch.manual_seed(0)
     model = build_model(model_preset(preset, out_channels=num_outputs("regions")))
     loss_fn = SegmentationLoss(LossConfig(mode="regions"))
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.99, nesterov=True)
     x = torch.randn(BATCH, 4, *patch)
     y = torch.randint(0, 4, (BATCH, *patch))
+    if bf16:
+        model = model.to(memory_format=torch.channels_last_3d)
+        x = x.contiguous(memory_format=torch.channels_last_3d)
     times = []
     for i in range(steps + 1):
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(x)
+        loss_fn(out, y).backward()
         opt.step()
         if i:
             times.append(time.perf_counter() - t0)
-    return {"preset": preset, "patch": list(patch), "params": count_parameters(model),
+    return {"preset": preset, "patch": list(patch), "params": count_parameters(model), "bf16": bf16,
             "s_per_step": min(times), "all": times}
 
 
@@ -150,6 +157,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     synthetic_cache = _cache(datasets["synthetic"], workdir / "caches" / "synthetic" / "default-j1")
     res["steps"] = [step_time("seed", (64, 64, 64)), step_time("seed", PATCH, steps=2),
                     step_time("small", (96, 96, 96)), step_time("small", PATCH, steps=2)]
+    if cpu_bf16():
+        res["steps"] += [step_time(p, (96, 96, 96), bf16=bf16) for p in ("small", "medium") for bf16 in (False, True)]
     res["wait"] = [data_wait_share(synthetic_cache, "small", (96, 96, 96)),
                    data_wait_share(synthetic_cache, "small", PATCH, steps=3)]
     res["predict"] = predict_time(datasets.get("real", datasets["synthetic"]), workdir)
@@ -165,8 +174,8 @@ def report(res: dict[str, Any]) -> str:
         for name, r in rates.items():
             rows.append([kind, name, r["patches"], r["per_s"], r["per_s_cast"], r["per_s"] / nifti])
         rows.append([kind, "NIfTI per patch (write-up)", res["nifti"][kind]["patches"], nifti, nifti, 1.0])
-    steps = [[s["preset"], "x".join(map(str, s["patch"])), s["params"], s["s_per_step"], BATCH / s["s_per_step"]]
-             for s in res["steps"]]
+    steps = [[s["preset"], "x".join(map(str, s["patch"])), "bf16 + channels-last" if s.get("bf16") else "float32",
+              s["params"], s["s_per_step"], BATCH / s["s_per_step"]] for s in res["steps"]]
     wait = [[w["preset"], "x".join(map(str, w["patch"])), w["steps"], w["s_per_step"], f"{w['wait_share']:.1%}"]
             for w in res["wait"]]
     p = res["predict"]
@@ -175,7 +184,7 @@ def report(res: dict[str, Any]) -> str:
         table(["data", "cache, loader-workers", "patches", "patches/s (float16 batch)",
                "patches/s (+ float32 cast on CPU)", "× NIfTI"], rows),
         "### CPU training step, batch 2 (forward, Dice+BCE, backward, SGD)",
-        table(["preset", "patch", "parameters", "s/step", "patches/s"], steps),
+        table(["preset", "patch", "precision", "parameters", "s/step", "patches/s"], steps),
         "### Share of a real training loop spent waiting on data (thread loader, 2 threads)",
         table(["preset", "patch", "steps", "s/step", "waiting"], wait),
         "### Prediction, one 240×240×155 case, `small`, CPU, 128³ windows, overlap 0.5",

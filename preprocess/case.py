@@ -8,7 +8,7 @@ import numpy as np
 
 from pipeline import transforms as T
 from pipeline.cache import PreprocessConfig
-from pipeline.brats import MODALITIES
+from pipeline.brats import MODALITIES, NUM_CLASSES
 from pipeline.nifti import CaseFiles, read_case, source_records
 
 
@@ -29,7 +29,7 @@ def preprocess_case(
     if label is not None:
         rng = np.random.default_rng(T.index_seed(files.case_id, cfg.index_seed))
         indices = T.tumour_indices(label, cfg.max_indices_per_class, rng)
-        hist = np.bincount(label.ravel(), minlength=4)
+        hist = np.bincount(label.ravel(), minlength=NUM_CLASSES)
         counts = {str(c): int(n) for c, n in enumerate(hist)}
     attrs = {
         "case_id": files.case_id,

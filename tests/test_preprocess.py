@@ -233,7 +233,8 @@ def test_cache_cli_info_and_verify(raw_dir: Path, tmp_path: Path) -> None:
 def test_ctrl_c_keeps_complete_cases_and_says_so(tmp_path: Path) -> None:
     raw, cache_root = tmp_path / "raw", tmp_path / "c"
     proc = _interrupt_mid_case(raw, cache_root, seed=6, sig=signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    (cache_root.parent / "paused-6.release").touch()  # let the paused writer fail as an interrupted one
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "interrupted" in err
     (cache_dir,) = cache_root.iterdir()
     manifest = json.loads((cache_dir / "manifest.json").read_text())

@@ -35,7 +35,7 @@ RECIPE = "default: the device's recipe"
 HELP = {
     "cache_dir": "keyed cache directory, or a cache root holding exactly one cache",
     "run_dir": "where checkpoints, TensorBoard logs and the run record go",
-    "preset": "model preset: seed (the write-up's U-Net), small (CPU demo), medium (CPU-budget recipe), "
+    "preset": "model preset: seed (the write-up's U-Net), small (the CPU-budget recipe's), medium (16-256 channels), "
               f"brats (GPU, nnU-Net-sized); {RECIPE}",
     "loss_mode": "regions (sigmoid WT/TC/ET, Dice+BCE, as nnU-Net for BraTS) or classes (softmax, Dice+CE)",
     "deep_supervision": "true/false; default: the preset's",

@@ -38,7 +38,8 @@ from pipeline import transforms as T
 from pipeline.cache import open_cache, open_case
 from pipeline.device import resolve_device
 from pipeline.errors import CaseError, CheckpointError, PipelineError
-from pipeline.metrics import REGIONS, evaluate_case, summarise
+from pipeline.brats import REGIONS
+from pipeline.metrics import evaluate_case, summarise
 from pipeline.provenance import run_record
 from train import predict as P
 from train.checkpoint import load_checkpoint

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.brats import CLASS_NAMES
 from pipeline.cache.store import CacheInfo, CachedCase, open_case
 from pipeline.errors import CacheFormatError
 
@@ -23,13 +24,13 @@ def info_lines(cache: CacheInfo) -> list[str]:
         "settings " + " ".join(f"{k}={v}" for k, v in sorted(m["preprocess"].items())),
         f"{len(cache.case_ids)} cases, {disk_usage(cache.path) / 2**20:.1f} MiB on disk"
         + (f", {len(m['failed'])} failed at preprocessing" if m.get("failed") else ""),
-        f"{'case':32s} {'edition':9s} {'shape':>15s}  {'NCR':>8s} {'ED':>8s} {'ET':>8s}",
+        f"{'case':32s} {'edition':9s} {'shape':>15s}  " + " ".join(f"{n:>8s}" for n in CLASS_NAMES.values()),
     ]
     for cid in cache.case_ids:
         case = open_case(cache.path, cid)
         counts = case.attrs.get("class_voxel_counts") or {}
         shape = "x".join(str(s) for s in case.shape)
-        cells = [f"{counts.get(str(k), 0):8d}" if case.has_label else f"{'-':>8s}" for k in (1, 2, 3)]
+        cells = [f"{counts.get(str(k), 0):8d}" if case.has_label else f"{'-':>8s}" for k in CLASS_NAMES]
         lines.append(f"{cid:32s} {case.attrs['edition']:9s} {shape:>15s}  {' '.join(cells)}")
     return lines
 

@@ -156,8 +156,9 @@ def write_case(
     return final
 
 
-#: Tests set this to a file name: the first case write then creates it and blocks, half written,
-#: until the process is signalled, so interrupt tests never race the writer.
+#: Tests set this to a file name: the first case write then creates it and blocks, half written, until
+#: the process is killed or ``<name>.release`` appears (then it fails as an interrupted write does), so
+#: interrupt tests never race the writer, whichever thread it runs in.
 PAUSE_ENV = "BRATS_PIPELINE_TEST_PAUSE_IN_WRITE"
 
 
@@ -166,8 +167,10 @@ def _pause_for_tests(tmp: Path) -> None:
     if not flag or Path(flag).exists():
         return
     Path(flag).write_text(str(tmp))
-    while True:  # ended by the signal the test sends
+    release = Path(flag + ".release")
+    while not release.exists():
         time.sleep(0.05)
+    raise KeyboardInterrupt(f"test pause released in {tmp}")
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
