@@ -23,8 +23,8 @@ def resolve_device(name: str) -> torch.device:
 def cpu_bf16() -> bool:
     """Whether this CPU runs bf16 convolutions natively (oneDNN with AMX or AVX512-BF16).
 
-    There, bf16 autocast with channels-last tensors trains a 3D U-Net about
-    2.4x faster than float32 (docs/benchmarks.md); elsewhere bf16 is emulated
+    There, bf16 autocast with channels-last tensors trains a 3D U-Net 2.3-3.8x
+    faster than float32 (docs/benchmarks.md); elsewhere bf16 is emulated
     and slower, so the CPU recipe stays in float32.
     """
     try:

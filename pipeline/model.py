@@ -96,7 +96,7 @@ def model_preset(name: str, *, out_channels: int, deep_supervision: bool | None 
     * ``small``: the CPU-budget recipe's network, 8-16-32-64 over 4 levels,
       InstanceNorm, deep supervision on (0.35 M parameters; a batch-2 step at
       96^3 on 2 cores takes about 0.8 s with bf16 autocast on a CPU with AMX,
-      3.6 s in float32). Under a fixed time budget it beats wider networks
+      2.9 s in float32). Under a fixed time budget it beats wider networks
       on real cases: it sees about four times as many patches.
     * ``medium``: 16 ... 256 channels over 5 levels, InstanceNorm, deep
       supervision on (5.6 M parameters; a batch-2 step at 96^3 takes about

@@ -46,7 +46,7 @@ def test_ensemble_averages_the_folds_probabilities(tiny_cache, raw_dir: Path, tm
     cache_dir, ids = tiny_cache
     root = tmp_path / "cv"
     assert _cv(cache_dir, root).returncode == 0
-    cfg = PredictConfig(device="cpu", save_probabilities=True, overlap=0.0)
+    cfg = PredictConfig(device="cpu", save_probabilities=True, overlap=0.0, mirror=False)
     folds = [root / f"fold_{k}" for k in range(3)]
     singles = []
     for k, run in enumerate(folds):

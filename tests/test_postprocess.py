@@ -96,7 +96,7 @@ def test_predict_applies_the_runs_postprocessing_unless_told_not_to(raw_dir: Pat
     run.mkdir()
     tiny_checkpoint(run / "last.pt")
     cid = "BraTS20_Training_001"
-    plain = run_predict(run, tmp_path / "plain", PredictConfig(device="cpu", postprocess=False), input_dir=raw_dir,
+    plain = run_predict(run, tmp_path / "plain", PredictConfig(device="cpu", postprocess=False, mirror=False), input_dir=raw_dir,
                         case_ids=[cid], progress=False)
     assert plain.ok
     raw_pred = np.asanyarray(nib.load(tmp_path / "plain" / f"{cid}.nii.gz").dataobj)

@@ -33,7 +33,7 @@ from train.predict import (
     write_label,
 )
 
-CPU = PredictConfig(device="cpu")
+CPU = PredictConfig(device="cpu", mirror=False)
 
 
 def tiny_checkpoint(path: Path, *, cache_dir: str = "", val: list[str] | None = None, mode: str = "regions") -> Path:

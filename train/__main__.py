@@ -83,6 +83,15 @@ def _recipes() -> str:
     return "; ".join(rows)
 
 
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except ``None`` (the recipe's, said in the help text)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None:
+            return action.help or ""
+        return super()._get_help_string(action) or ""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m train",
@@ -90,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         "on held-out cases by sliding-window inference (Dice per BraTS region). Checkpoints, settings, "
         "split and TensorBoard logs go to --run-dir.",
         epilog="Recipes (used for every setting not given): " + _recipes() + ".",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Defaults,
     )
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")

@@ -43,7 +43,7 @@ class PreprocessConfig(Config):
         chunk: spatial chunk shape; a chunk holds all four channels.
         codec: Blosc compressor name, or ``"none"``: uncompressed chunk
             files, read by copying the patch out of memory-mapped chunks (the
-            speed setting, about 2.5x the disk of ``zstd``; see
+            speed setting, about 4.7x the disk of ``zstd``; see
             docs/cache-format.md for when to pick it).
         clevel: compression level 0..9.
         shuffle: Blosc byte filter.
