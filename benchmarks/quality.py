@@ -102,8 +102,12 @@ def run_candidate(name: str, overrides: dict[str, Any], cache: Path, workdir: Pa
         trained = time.perf_counter() - t0
         for tta in sorted({False, mirror}):
             key = f"fold{fold}-{'mirror' if tta else 'plain'}"
-            preds[key] = predict_fold(run, cache, val_ids, tta)
-            np.savez_compressed(workdir / "runs" / f"{name}-{key}.npz", **preds[key])
+            saved = workdir / "runs" / f"{name}-{key}.npz"
+            if saved.exists() and saved.stat().st_mtime > (run / "last.pt").stat().st_mtime:
+                preds[key] = dict(np.load(saved))  # predictions of these weights, kept from an earlier run
+            else:
+                preds[key] = predict_fold(run, cache, val_ids, tta)
+                np.savez_compressed(saved, **preds[key])
         info["folds"][fold] = {"train": train_ids, "val": val_ids, "steps": int(state["step"]),
                                "elapsed_s": round(float(state["elapsed_s"]), 1), "wall_s": round(trained, 1),
                                "config": state["train_config"]}

@@ -3,8 +3,9 @@
 Operations, applied in this order to a (X, Y, Z) map of classes 0..3:
 
 1. whole-tumour components (26-connected, over classes 1..3): keep only the
-   largest (``keep_largest``), or drop those under ``min_component`` voxels;
-   false-positive islands far from the tumour are what drives HD95 up;
+   largest (``keep_largest``), or drop those under ``min_component`` voxels,
+   or under ``min_fraction`` of the largest one; false-positive islands far
+   from the tumour are what drives HD95 up;
 2. ``et_threshold``: a case with fewer predicted enhancing-tumour voxels than
    this gets them relabelled as necrosis (BraTS scores an ET-free case with
    any ET voxel as Dice 0, HD95 373 mm).
@@ -30,6 +31,7 @@ from pipeline.metrics import dice, hd95
 
 DICE_TIE = 0.005
 MIN_COMPONENT_CANDIDATES = (0, 100, 500, 1000, 3000)
+MIN_FRACTION_CANDIDATES = (0.1, 0.2, 0.5)
 ET_THRESHOLD_CANDIDATES = (0, 50, 100, 200, 300, 500, 750)
 _STRUCTURE = np.ones((3, 3, 3), dtype=bool)
 
@@ -44,6 +46,8 @@ class PostProcessing(Config):
         et_threshold: relabel ET as necrosis when a case has fewer ET voxels (0: off).
         chosen_on: the cases whose out-of-fold predictions chose these settings.
         scores: mean Dice / HD95 of each candidate on those cases, for the record.
+        min_fraction: drop whole-tumour components smaller than this share of
+            the largest one (0: off).
     """
 
     keep_largest: bool = False
@@ -51,8 +55,12 @@ class PostProcessing(Config):
     et_threshold: int = 0
     chosen_on: tuple[str, ...] = ()
     scores: tuple[tuple[str, float, float], ...] = ()
+    min_fraction: float = 0.0
 
     def __post_init__(self) -> None:
+        if isinstance(self.min_fraction, bool) or not 0.0 <= float(self.min_fraction) <= 1.0:
+            raise ConfigError(f"min_fraction must be in [0, 1], got {self.min_fraction!r}")
+        object.__setattr__(self, "min_fraction", float(self.min_fraction))
         object.__setattr__(self, "chosen_on", tuple(str(c) for c in self.chosen_on))
         object.__setattr__(self, "scores", tuple((str(n), float(d), float(h)) for n, d, h in self.scores))
         for name in ("min_component", "et_threshold"):
@@ -67,13 +75,17 @@ class PostProcessing(Config):
         parts = ["keep the largest tumour component"] if self.keep_largest else []
         if self.min_component:
             parts.append(f"drop tumour components under {self.min_component} voxels")
+        if self.min_fraction:
+            parts.append(f"drop tumour components under {self.min_fraction:.0%} of the largest")
         if self.et_threshold:
             parts.append(f"ET under {self.et_threshold} voxels -> necrosis")
         return "; ".join(parts) or "none"
 
 
-def filter_components(label: np.ndarray, keep_largest: bool, min_component: int) -> np.ndarray:
-    """Whole-tumour connected components: keep the largest, or drop the small ones.
+def filter_components(label: np.ndarray, keep_largest: bool, min_component: int,
+                      min_fraction: float = 0.0) -> np.ndarray:
+    """Whole-tumour connected components: keep the largest, or drop the small ones (under ``min_component``
+    voxels, or under ``min_fraction`` of the largest).
 
     Args:
         label: (X, Y, Z) integer classes 0..3; not modified.
@@ -81,14 +93,14 @@ def filter_components(label: np.ndarray, keep_largest: bool, min_component: int)
     Returns:
         (X, Y, Z) classes of ``label``'s dtype; removed components become 0.
     """
-    if not keep_largest and min_component <= 0:
+    if not keep_largest and min_component <= 0 and min_fraction <= 0:
         return label
     components, n = ndimage.label(label > 0, structure=_STRUCTURE)
     if n <= 1 and (keep_largest or n == 0):
         return label
     sizes = np.bincount(components.ravel())
     sizes[0] = 0
-    keep = sizes == sizes.max() if keep_largest else sizes >= min_component
+    keep = sizes == sizes.max() if keep_largest else (sizes >= min_component) & (sizes >= min_fraction * sizes.max())
     keep[0] = False
     out = label.copy()
     out[~keep[components]] = 0
@@ -108,7 +120,7 @@ def relabel_small_et(label: np.ndarray, threshold: int) -> np.ndarray:
 
 def apply(label: np.ndarray, post: PostProcessing) -> np.ndarray:
     """Apply ``post`` to a (X, Y, Z) class map (components first, then the ET threshold)."""
-    out = filter_components(label, post.keep_largest, post.min_component)
+    out = filter_components(label, post.keep_largest, post.min_component, post.min_fraction)
     return relabel_small_et(out, post.et_threshold)
 
 
@@ -134,16 +146,17 @@ def choose(preds: Mapping[str, np.ndarray], truths: Mapping[str, np.ndarray]) ->
         raise ConfigError(f"post-processing needs the same, non-empty cases in both: {sorted(preds)} vs "
                           f"{sorted(truths)}")
     ids = sorted(preds)
-    rules = [("none", False, 0), ("largest", True, 0)]
-    rules += [(f"min{m}", False, m) for m in MIN_COMPONENT_CANDIDATES if m]
+    rules: list[tuple[str, bool, int, float]] = [("none", False, 0, 0.0), ("largest", True, 0, 0.0)]
+    rules += [(f"min{m}", False, m, 0.0) for m in MIN_COMPONENT_CANDIDATES if m]
+    rules += [(f"frac{f:g}", False, 0, f) for f in MIN_FRACTION_CANDIDATES]
     scores = []
-    for name, largest, minimum in rules:
-        rows = [_region_scores(filter_components(preds[c], largest, minimum), truths[c]) for c in ids]
+    for name, largest, minimum, fraction in rules:
+        rows = [_region_scores(filter_components(preds[c], largest, minimum, fraction), truths[c]) for c in ids]
         scores.append((name, float(np.mean([r[0] for r in rows])), float(np.mean([r[1] for r in rows]))))
     best_dice = max(s[1] for s in scores)
     winner = min((s for s in scores if s[1] >= best_dice - DICE_TIE), key=lambda s: (s[2], -s[1]))
-    _, largest, minimum = rules[[s[0] for s in scores].index(winner[0])]
-    filtered = {c: filter_components(preds[c], largest, minimum) for c in ids}
+    _, largest, minimum, fraction = rules[[s[0] for s in scores].index(winner[0])]
+    filtered = {c: filter_components(preds[c], largest, minimum, fraction) for c in ids}
     et_truth = {c: truths[c] == ET for c in ids}
     best_t, best_et = 0, -1.0
     for t in ET_THRESHOLD_CANDIDATES:
@@ -151,4 +164,4 @@ def choose(preds: Mapping[str, np.ndarray], truths: Mapping[str, np.ndarray]) ->
         if et > best_et + 1e-9:
             best_t, best_et = t, et
     return PostProcessing(keep_largest=largest, min_component=minimum, et_threshold=best_t, chosen_on=tuple(ids),
-                          scores=tuple(scores))
+                          scores=tuple(scores), min_fraction=fraction)

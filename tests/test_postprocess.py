@@ -42,6 +42,9 @@ def test_components_keep_the_largest_or_drop_small_ones() -> None:
     np.testing.assert_array_equal(filter_components(pred, False, 217), truth)  # island of 216 dropped
     np.testing.assert_array_equal(filter_components(pred, False, 216), pred)  # at the size: kept
     assert filter_components(pred, False, 0) is pred
+    # relative rule: the island is 216 / 1728 = 12.5 % of the tumour
+    np.testing.assert_array_equal(filter_components(pred, False, 0, min_fraction=0.13), truth)
+    np.testing.assert_array_equal(filter_components(pred, False, 0, min_fraction=0.12), pred)
     diagonal = np.zeros((4, 4, 4), np.uint8)
     diagonal[0, 0, 0] = diagonal[1, 1, 1] = 2  # 26-connected: one component
     np.testing.assert_array_equal(filter_components(diagonal, True, 0), diagonal)
@@ -87,7 +90,10 @@ def test_choice_needs_matching_cases_and_settings_are_checked() -> None:
         choose({"a": np.zeros((2, 2, 2))}, {"b": np.zeros((2, 2, 2))})
     with pytest.raises(ConfigError, match="min_component"):
         PostProcessing(min_component=-1)
-    post = PostProcessing(keep_largest=True, et_threshold=50, chosen_on=("x",), scores=(("none", 0.5, 9.0),))
+    with pytest.raises(ConfigError, match="min_fraction"):
+        PostProcessing(min_fraction=1.5)
+    post = PostProcessing(keep_largest=True, et_threshold=50, chosen_on=("x",), scores=(("none", 0.5, 9.0),),
+                          min_fraction=0.2)
     assert PostProcessing.from_dict(json.loads(json.dumps(post.to_dict()))) == post
 
 

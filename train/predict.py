@@ -256,7 +256,7 @@ def postprocessing_of(predictor: Predictor, cfg: PredictConfig) -> PostProcessin
         return None
     post = predictor.post or PostProcessing()
     if cfg.et_threshold is not None:
-        post = PostProcessing(post.keep_largest, post.min_component, cfg.et_threshold, post.chosen_on)
+        post = dataclasses.replace(post, et_threshold=cfg.et_threshold, scores=())
     return post
 
 
