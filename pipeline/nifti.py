@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 
 from pipeline.atomic import atomic_path
-from pipeline.brats import EDITION_BY_NAME, EDITIONS, MODALITIES, Edition
+from pipeline.brats import EDITIONS, Edition
 from pipeline.errors import CaseError, MissingFileError
 
 # BraTS volumes are stored with this orientation (LPS-flipped RAS, 1 mm).
@@ -68,7 +68,7 @@ _QUIRK_SEG = re.compile(r"_Segm\.nii(\.gz)?$", re.IGNORECASE)
 class CaseFiles:
     """The files of one raw case, as found on disk.
 
-    ``images`` follows :data:`MODALITIES` order; an entry is ``None`` when the
+    ``images`` follows :data:`pipeline.brats.MODALITIES` order; an entry is ``None`` when the
     file is missing (reported by :func:`read_case`, never zero-filled).
     """
 
@@ -147,7 +147,7 @@ class RawCase:
 
     Attributes:
         files: where it came from.
-        images: (4, X, Y, Z) float32, channels in :data:`MODALITIES` order.
+        images: (4, X, Y, Z) float32, channels in :data:`pipeline.brats.MODALITIES` order.
         seg: (X, Y, Z) int16 raw BraTS labels, or None for image-only cases.
         affine: (4, 4) float64, shared by every file of the case.
         header: the FLAIR file's header, for writing predictions that overlay it.
