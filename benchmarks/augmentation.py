@@ -35,7 +35,7 @@ from benchmarks.offline import synthetic_raw
 from pipeline.cache import PreprocessConfig, open_cache, open_case
 from pipeline.nifti import discover_cases
 from preprocess.run import run_preprocess
-from train.augment import LEVELS, augment_batch
+from train.augment import LEVELS, augment_batch, sample_generators
 from train.dataset import PatchDataset, PatchSpec, make_batches
 
 PATCH = (128, 128, 128)
@@ -58,7 +58,7 @@ def ours(cache_dir: Path, patches: int, on_cpu: bool) -> dict[str, Any]:
     cpu0, wall0 = time.process_time(), time.perf_counter()
     for step, batch in enumerate(batches):
         if on_cpu:
-            augment_batch(batch, level, torch.Generator().manual_seed(step), torch.device("cpu"))
+            augment_batch(batch, level, sample_generators(0, batch["index"].tolist()), torch.device("cpu"))
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     return {"patches": steps * BATCH, "cpu_s_per_patch": cpu / (steps * BATCH), "wall_s": wall}
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import socket
 import subprocess
+import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -143,3 +146,63 @@ def load_average() -> float | None:
         return round(os.getloadavg()[0], 2)
     except OSError:
         return None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+S3_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
+
+
+def use_s3_endpoint(url: str) -> None:
+    """Point this process's S3 clients (and the processes it starts) at ``url``."""
+    import s3fs
+
+    os.environ["AWS_ENDPOINT_URL"] = url
+    s3fs.S3FileSystem.clear_instance_cache()  # fsspec caches clients: the next one reads the variables
+
+
+@contextmanager
+def local_s3_server(bucket: str | None, *, authenticate: bool = False) -> Iterator[str]:
+    """A real S3-compatible server (moto's server mode, in its own process) on 127.0.0.1, for the benchmarks
+    and tests; yields ``s3://bucket`` (the bucket created empty unless None). Stops it and restores the
+    environment on exit.
+
+    Args:
+        bucket: bucket to create, or None.
+        authenticate: check credentials from the first request on (ours are then refused).
+    """
+    import s3fs
+
+    saved = {k: os.environ.get(k) for k in S3_VARIABLES}
+    port = free_port()
+    env = {**os.environ, **({"INITIAL_NO_AUTH_ACTION_COUNT": "0"} if authenticate else {})}
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the S3 server did not start on 127.0.0.1:{port} (exit {server.poll()})")
+            time.sleep(0.1)
+        os.environ.update(AWS_ACCESS_KEY_ID="local", AWS_SECRET_ACCESS_KEY="local", AWS_DEFAULT_REGION="us-east-1")
+        use_s3_endpoint(f"http://127.0.0.1:{port}")
+        if bucket is not None:
+            s3fs.S3FileSystem().mkdir(bucket)
+        yield f"s3://{bucket}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        s3fs.S3FileSystem.clear_instance_cache()

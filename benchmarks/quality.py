@@ -39,6 +39,8 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "recipe": {},
     "small-fast": dict(preset="small", optimizer="adam", lr=3e-3),
     "medium": dict(preset="medium", optimizer="adam", lr=1e-3),
+    "aug-nnunet": dict(augment="nnunet"),
+    "fg-0.33": dict(p_fg=0.33),
     "before": dict(preset="small", patch_size=(96, 96, 96), batch_size=2, optimizer="adamw", lr=3e-3, augment="light",
                    schedule="poly", p_fg=0.33, amp="none", channels_last=False),
 }

@@ -29,6 +29,7 @@ SECTIONS: dict[str, str] = {
     "training": "benchmarks.training:run",
     "augmentation": "benchmarks.augmentation:run",
     "quality": "benchmarks.quality:run",
+    "scaling": "benchmarks.scaling:run",
 }
 
 Section = Callable[[argparse.Namespace, Path], dict[str, Any]]

@@ -7,7 +7,7 @@ import sys
 
 from pipeline.cache import CODECS, PreprocessConfig
 from pipeline.errors import PipelineError
-from preprocess.run import run_preprocess
+from preprocess.run import BACKENDS, run_preprocess
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=argparse.SUPPRESS, help="cache name (default: RAW_DIR's folder name)")
     p.add_argument("--jobs", type=int, default=-1, help="parallel workers (-1: all cores)")
     p.add_argument("--force", action="store_true", help="rewrite cases that are already complete")
+    p.add_argument("--backend", default="joblib", choices=list(BACKENDS),
+                   help="joblib: worker processes on this machine; dask: a dask.distributed cluster (a local one "
+                   "of --jobs worker processes unless --scheduler is given; needs the cluster extra)")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="dask scheduler to run the cases on, e.g. tcp://HOST:8786 (implies --backend dask); "
+                   "the cache must be on storage every worker reaches")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("settings (a change makes a new cache)")
     g.add_argument("--dtype", default=d.dtype, choices=["float16", "float32"], help="image dtype on disk")
@@ -57,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         summary = run_preprocess(
             args.raw_dir, args.cache_dir, cfg, name=getattr(args, "name", None), jobs=args.jobs, force=args.force,
-            progress=not args.no_progress,
+            progress=not args.no_progress, backend=args.backend, scheduler=args.scheduler,
         )
     except (PipelineError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

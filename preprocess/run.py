@@ -5,30 +5,80 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from joblib import Parallel, delayed
+from joblib import Parallel, delayed, parallel_config
 from tqdm import tqdm
 
 from pipeline import cache
+from pipeline.cache.check import disk_usage
+from pipeline.cache.location import Location, check_reachable, is_local
 from pipeline.errors import CaseError, ConfigError, PipelineError
 from pipeline.nifti import CaseFiles, discover_cases, source_records
 from pipeline.provenance import run_record
 from preprocess.case import preprocess_case
 
 
+#: Where the per-case work runs: joblib's process pool on this machine, or a dask.distributed cluster
+#: (through joblib's dask backend; a local cluster of ``jobs`` worker processes unless a scheduler is given).
+BACKENDS = ("joblib", "dask")
+#: Seconds to reach a dask scheduler before giving up with a clear error.
+CONNECT_TIMEOUT_S = 15
+
+
+@contextmanager
+def parallel_backend(backend: str, scheduler: str | None, jobs: int) -> Iterator[tuple[int, str]]:
+    """Run the ``Parallel`` calls inside on ``backend``; yields (n_jobs to pass, description of the workers).
+
+    With ``dask``, the cases run on the cluster at ``scheduler`` (``tcp://HOST:8786``), or on a local
+    cluster of ``jobs`` worker processes. Workers write their cases straight into the cache, so the cache
+    must be on storage every worker reaches (a shared file system). A worker that dies mid-case leaves
+    only a temporary folder (never read; removed by the next run) and dask runs the case again elsewhere.
+
+    Raises:
+        ConfigError: dask.distributed is not installed, or the scheduler cannot be reached.
+    """
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r} (one of {BACKENDS})")
+    if backend == "joblib" and scheduler is None:
+        yield jobs, f"joblib, {jobs if jobs > 0 else os.cpu_count()} processes"
+        return
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise ConfigError("the dask backend needs dask.distributed: pip install 'brats-zarr-pipeline[cluster]'"
+                          ) from None
+    with ExitStack() as stack:
+        if scheduler is not None:
+            try:
+                client = stack.enter_context(Client(scheduler, timeout=f"{CONNECT_TIMEOUT_S}s"))
+            except (OSError, TimeoutError, ValueError) as exc:
+                raise ConfigError(f"cannot reach the dask scheduler at {scheduler}: {exc}") from None
+        else:
+            workers = jobs if jobs > 0 else os.cpu_count() or 1
+            cluster = stack.enter_context(LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                                       dashboard_address=None))
+            client = stack.enter_context(Client(cluster))
+        n = len(client.scheduler_info().get("workers", {}))
+        stack.enter_context(parallel_config(backend="dask"))
+        yield -1, f"dask, {n} workers at {client.scheduler.address}"
+
+
 @dataclass
 class Summary:
     """Outcome of one preprocessing run."""
 
-    cache_dir: Path
+    cache_dir: Location
     written: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     bytes_on_disk: int = 0
     seconds: float = 0.0
+    workers: str = ""
 
     @property
     def ok(self) -> bool:
@@ -39,13 +89,14 @@ class Summary:
         lines = [
             f"cache: {self.cache_dir}",
             f"written {len(self.written)}, skipped {len(self.skipped)} (up to date), "
-            f"failed {len(self.failed)}; {self.bytes_on_disk / 2**20:.1f} MiB on disk; {self.seconds:.1f} s",
+            f"failed {len(self.failed)}; {self.bytes_on_disk / 2**20:.1f} MiB on disk; {self.seconds:.1f} s"
+            + (f" ({self.workers})" if self.workers else ""),
         ]
         lines += [f"FAILED {msg}" for msg in self.failed.values()]
         return "\n".join(lines)
 
 
-def _process(files: CaseFiles, cache_dir: Path, cfg: cache.PreprocessConfig) -> tuple[str, str | None]:
+def _process(files: CaseFiles, cache_dir: str, cfg: cache.PreprocessConfig) -> tuple[str, str | None]:
     """Worker: preprocess and write one case; returns (case_id, error message or None)."""
     try:
         image, label, indices, attrs = preprocess_case(files, cfg)
@@ -57,10 +108,6 @@ def _process(files: CaseFiles, cache_dir: Path, cfg: cache.PreprocessConfig) -> 
     return files.case_id, None
 
 
-def _size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
 def run_preprocess(
     raw_dir: str | os.PathLike[str],
     cache_root: str | os.PathLike[str],
@@ -70,6 +117,8 @@ def run_preprocess(
     jobs: int = -1,
     force: bool = False,
     progress: bool = True,
+    backend: str = "joblib",
+    scheduler: str | None = None,
 ) -> Summary:
     """Preprocess every case under ``raw_dir`` into ``<cache_root>/<name>-<key>/``.
 
@@ -79,12 +128,15 @@ def run_preprocess(
 
     Args:
         raw_dir: folder searched recursively for case folders.
-        cache_root: parent of the keyed cache directory.
+        cache_root: parent of the keyed cache directory: a folder, or an fsspec URL (``s3://bucket/prefix``;
+            the bucket must exist) that every worker reaches.
         cfg: preprocessing settings (their hash names the cache).
         name: cache name; defaults to ``raw_dir``'s folder name.
-        jobs: joblib workers (-1: all cores).
+        jobs: joblib workers, or local dask workers (-1: all cores).
         force: rewrite complete cases too.
         progress: show a tqdm bar.
+        backend: "joblib" (this machine) or "dask" (see :func:`parallel_backend`).
+        scheduler: address of a dask scheduler (implies the dask backend).
     """
     t0 = time.perf_counter()
     if jobs == 0 or jobs < -1:
@@ -95,7 +147,9 @@ def run_preprocess(
         raise ConfigError(f"no BraTS case folders found under {raw_dir} (nothing to preprocess)")
     cache_dir = cache.cache_dir_for(cache_root, name or raw_dir.resolve().name, cfg)
     summary = Summary(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    check_reachable(cache_dir)  # a missing bucket or bad credentials: one clear error before any work
+    if is_local(cache_dir):
+        cache_dir.mkdir(parents=True, exist_ok=True)
     cache.cleanup_partial(cache_dir)
     todo = []
     for files in found:
@@ -108,16 +162,18 @@ def run_preprocess(
             summary.skipped.append(files.case_id)
         else:
             todo.append(files)
-    results = Parallel(n_jobs=jobs, return_as="generator_unordered")(
-        delayed(_process)(f, cache_dir, cfg) for f in todo
-    )
     try:
-        for case_id, error in tqdm(results, total=len(todo), desc="preprocess", unit="case", disable=not progress):
-            if error is None:
-                summary.written.append(case_id)
-            else:
-                summary.failed[case_id] = error
-                tqdm.write(f"FAILED {error}", file=sys.stderr)
+        with parallel_backend(backend, scheduler, jobs) as (n_jobs, summary.workers):
+            results = Parallel(n_jobs=n_jobs, return_as="generator_unordered")(
+                delayed(_process)(f, str(cache_dir), cfg) for f in todo
+            )
+            for case_id, error in tqdm(results, total=len(todo), desc="preprocess", unit="case",
+                                       disable=not progress):
+                if error is None:
+                    summary.written.append(case_id)
+                else:
+                    summary.failed[case_id] = error
+                    tqdm.write(f"FAILED {error}", file=sys.stderr)
     finally:
         # also on Ctrl-C: the manifest lists exactly the cases that are complete on disk
         _finish(summary, raw_dir, name or raw_dir.resolve().name, cfg, t0, {f.case_id for f in found})
@@ -133,9 +189,10 @@ def _finish(summary: Summary, raw_dir: Path, name: str, cfg: cache.PreprocessCon
         "preprocess": cfg.to_dict(),
         "raw_dir": str(raw_dir),
         "failed": dict(sorted(summary.failed.items())),
+        "workers": summary.workers,
         "record": run_record(),
     }
     cache.write_manifest(summary.cache_dir, content, source_ids)
     summary.written.sort()
-    summary.bytes_on_disk = _size(summary.cache_dir)
+    summary.bytes_on_disk = disk_usage(summary.cache_dir)
     summary.seconds = time.perf_counter() - t0

@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from benchmarks.common import free_port  # noqa: F401  (for the tests that start servers)
 from pipeline.cache import PreprocessConfig
 from pipeline.synthetic import generate_dataset
 

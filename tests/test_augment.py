@@ -15,6 +15,7 @@ from train.augment import (
     _gamma,
     augment_batch,
     intensity,
+    sample_generators,
     region_for,
     spatial_draw,
     warp_region,
@@ -62,7 +63,7 @@ def test_intensity_transforms_fire_at_their_probability(name: str, p: float) -> 
     n = 1500
     cfg = AugmentConfig(**{name: p, "p_per_channel": 1.0})
     image = torch.rand(n, 2, 6, 6, 6, generator=torch.Generator().manual_seed(2)) + 0.5
-    out = intensity(image.clone(), cfg, torch.Generator().manual_seed(3))
+    out = intensity(image.clone(), cfg, sample_generators(3, range(n)))
     changed = (out - image).flatten(1).abs().amax(1) > 1e-6
     assert abs(float(changed.float().mean()) - p) < 4 * (p * (1 - p) / n) ** 0.5
 
@@ -73,7 +74,7 @@ def test_intensity_keeps_the_background_and_gamma_keeps_mean_and_std() -> None:
     batch = {"image": image[None].repeat(8, 1, 1, 1, 1), "label": label[None].repeat(8, 1, 1, 1)}
     every = {f: 1.0 for f in ("p_noise", "p_blur", "p_brightness", "p_contrast", "p_lowres", "p_gamma")}
     cfg = dataclasses.replace(LEVELS["nnunet"], mirror=False, **every)  # type: ignore[arg-type]
-    out, _ = augment_batch(batch, cfg, torch.Generator().manual_seed(4), CPU)
+    out, _ = augment_batch(batch, cfg, sample_generators(4, range(8)), CPU)
     background = (batch["image"] == 0).all(1)
     assert not out.permute(1, 0, 2, 3, 4)[:, background].any()  # exactly 0 outside the brain
     assert (out.abs().sum(1) > 0)[~background].float().mean() > 0.99
@@ -88,7 +89,7 @@ def test_intensity_keeps_the_background_and_gamma_keeps_mean_and_std() -> None:
 def test_none_is_the_identity() -> None:
     image, label = _coded()
     batch = {"image": image[None].clone(), "label": label[None].clone()}
-    out, lab = augment_batch(batch, LEVELS["none"], torch.Generator().manual_seed(0), CPU)
+    out, lab = augment_batch(batch, LEVELS["none"], sample_generators(0, [0]), CPU)
     assert torch.equal(out, image[None]) and torch.equal(lab, label[None])
 
 
@@ -97,7 +98,7 @@ def _batches(cache_dir, ids, loader: str, workers: int, level: str = "nnunet") -
     dataset = PatchDataset(cache_dir, ids, spec, 64)
     out = []
     for step, batch in enumerate(make_batches(loader, dataset, 0, 6, 3, workers)):
-        out.append(augment_batch(batch, LEVELS[level], torch.Generator().manual_seed(step), CPU))
+        out.append(augment_batch(batch, LEVELS[level], sample_generators(9, batch["index"].tolist()), CPU))
     return out
 
 
@@ -107,6 +108,22 @@ def test_same_seed_same_augmented_batches_on_any_worker_count(tiny_cache) -> Non
     for loader, workers in (("threads", 2), ("processes", 2)):
         for (a, la), (b, lb) in zip(ref, _batches(cache_dir, ids, loader, workers)):
             assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+def test_a_sample_is_augmented_the_same_in_any_batch_split(tiny_cache) -> None:
+    """Two ranks with batch 2 produce exactly the augmented samples of one process with batch 4."""
+    cache_dir, ids = tiny_cache
+    level = LEVELS["nnunet"]
+    dataset = PatchDataset(cache_dir, ids, PatchSpec((16, 16, 16), p_fg=0.5, seed=2, augment=level), 64)
+
+    def run(batch_size: int, rank: int, world: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [augment_batch(b, level, sample_generators(2, b["index"].tolist()), CPU)
+                for b in make_batches("threads", dataset, 0, 4, batch_size, 1, rank=rank, world=world)]
+
+    whole, halves = run(4, 0, 1), [run(2, r, 2) for r in range(2)]
+    for step, (image, label) in enumerate(whole):
+        assert torch.equal(image, torch.cat([halves[0][step][0], halves[1][step][0]]))
+        assert torch.equal(label, torch.cat([halves[0][step][1], halves[1][step][1]]))
 
 
 def test_enlarged_read_leaves_no_empty_corners(tiny_cache) -> None:

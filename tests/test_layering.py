@@ -37,3 +37,8 @@ def test_only_nifti_module_imports_nibabel() -> None:
 def test_library_imports_no_stage() -> None:
     bad = {f for f, names in _sources().items() if f.startswith("pipeline/") and names & {"preprocess", "train"}}
     assert not bad, bad
+
+
+def test_only_the_cache_package_talks_to_storage_backends() -> None:
+    users = {f for f, names in _sources().items() if names & {"upath", "fsspec", "s3fs"}}
+    assert users and all(f.startswith("pipeline/cache/") for f in users), users

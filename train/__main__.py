@@ -40,7 +40,7 @@ HELP = {
     "loss_mode": "regions (sigmoid WT/TC/ET, Dice+BCE, as nnU-Net for BraTS) or classes (softmax, Dice+CE)",
     "deep_supervision": "true/false; default: the preset's",
     "patch_size": f"patch size in voxels per axis; {RECIPE}",
-    "batch_size": f"patches per step; {RECIPE}",
+    "batch_size": f"patches per step (per rank under torchrun); {RECIPE}",
     "epochs": f"epochs (a checkpoint after each); {RECIPE}",
     "iters_per_epoch": f"optimisation steps per epoch; {RECIPE}",
     "time_budget": "stop training when this many minutes are spent (the clock is checked before each step; "
@@ -65,6 +65,10 @@ HELP = {
     "amp": "autocast: bf16, fp16 (CUDA only, with a grad scaler) or none; default: bf16 on CUDA and on CPUs "
            "with native bf16 (AMX/AVX512-BF16), else none",
     "compile": "torch.compile the model",
+    "sync_bn": "under torchrun on CUDA: synchronise batch-norm statistics across ranks (SyncBatchNorm; presets "
+               "with batch norm only)",
+    "dist_timeout": "under torchrun: minutes any collective waits for the other ranks before the job fails "
+                    "(a rank that died or hangs ends the job with an error, not a hang)",
     "channels_last": "channels-last-3d memory format; default: on for bf16 on a CPU",
     "loader": "threads (thread pool in this process) or processes (torch DataLoader workers)",
     "workers": "loader threads or processes",
@@ -123,14 +127,26 @@ def main(argv: list[str] | None = None) -> int:
     resume, progress = args.pop("resume"), not args.pop("no_progress")
     try:
         cfg = TrainConfig(**args)
-        from train.trainer import fit  # heavy imports only after the arguments are valid
+        import torch.distributed as dist  # heavy imports only after the arguments are valid
 
-        result = fit(cfg, resume=resume, progress=progress)
+        from train import distributed
+        from train.trainer import fit
+
+        world = distributed.from_env()
+        try:
+            result = fit(cfg, resume=resume, progress=progress)
+        except dist.DistError as exc:  # a rank died, hung past --dist-timeout, or the rendezvous failed
+            print(f"error: rank {world.rank} of {world.size}: the distributed job failed: "
+                  f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)
+            return 3
+        finally:
+            distributed.shutdown()
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     result.pop("history", None)
-    print(json.dumps(result, indent=2))
+    if world.main:
+        print(json.dumps(result, indent=2))
     return 0
 
 

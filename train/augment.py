@@ -23,9 +23,12 @@ stays exactly 0, as the z-scored cache stores it.
 Randomness: the spatial parameters of sample ``k`` come from
 ``np.random.default_rng([seed, k, SPATIAL_STREAM])`` in the loader, which
 must know them to read the region they need (:func:`spatial_draw`,
-:func:`region_for`); everything else is drawn from the step's
-``torch.Generator``. A run is therefore the same on any worker count and
-exact on resume. Only the samples drawn for a transform pay for it.
+:func:`region_for`); everything else is drawn from the sample's own
+``torch.Generator`` (:func:`sample_generators`, seeded by ``[seed, k,
+INTENSITY_STREAM]``). A sample's augmentation therefore depends on nothing
+but the seed and its number: a run is the same on any worker count, on any
+number of data-parallel ranks sharing a global batch, and exact on resume.
+Only the samples drawn for a transform pay for it.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from pipeline.config import Config
 from pipeline.errors import ConfigError
 
 SPATIAL_STREAM = 7  # third seed word of the per-sample spatial generator
+INTENSITY_STREAM = 11  # third seed word of the per-sample intensity/mirroring generator
 
 
 @dataclass(frozen=True)
@@ -202,6 +206,17 @@ def warp_region(image: torch.Tensor, label: torch.Tensor, draw: dict[str, Any], 
 # ---------------------------------------------------------------- intensity: batched on the device
 
 
+def sample_generators(seed: int, indices: Any) -> list[torch.Generator]:
+    """One CPU generator per sample number in ``indices``: the draws of sample ``k`` of a run."""
+    return [torch.Generator().manual_seed(int(np.random.default_rng([seed, int(k), INTENSITY_STREAM])
+                                              .integers(2**63 - 1))) for k in indices]
+
+
+def _hit(p: float, gen: torch.Generator) -> bool:
+    """Whether a transform of probability ``p`` fires (always one draw, so later draws do not shift with p)."""
+    return bool(torch.rand((), generator=gen) < p)
+
+
 def _chosen(n: int, p: float, gen: torch.Generator) -> list[int]:
     return [i for i, hit in enumerate((torch.rand(n, generator=gen) < p).tolist()) if hit]
 
@@ -251,54 +266,55 @@ def _gamma(x: torch.Tensor, gamma: torch.Tensor, invert: bool) -> torch.Tensor:
     return y * _per_channel(y, std) + _per_channel(y, mean)
 
 
-def intensity(image: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
+def intensity(image: torch.Tensor, cfg: AugmentConfig, gens: list[torch.Generator]) -> torch.Tensor:
     """Every intensity transform of ``cfg`` in nnU-Net's order, each on the samples drawn for it.
 
     Args:
         image: (B, C, X, Y, Z) float on the training device; modified in place and returned.
+        gens: one generator per sample (:func:`sample_generators`).
     """
-    b, c = image.shape[:2]
-    if cfg.p_scale_shift:
-        for i in _chosen(b, cfg.p_scale_shift, gen):
-            scale, shift = _uniform((c,), 0.9, 1.1, gen), _uniform((c,), -0.1, 0.1, gen)
-            image[i] = image[i] * _per_channel(image[i], scale) + _per_channel(image[i], shift)
-    for i in _chosen(b, cfg.p_noise, gen):
-        sigma = math.sqrt(float(_uniform((), *cfg.noise_variance, gen)))
-        seed = int(torch.randint(0, 2**31 - 1, (), generator=gen))
-        noise_gen = torch.Generator(device=image.device).manual_seed(seed)
-        image[i] += sigma * torch.randn(image[i].shape, generator=noise_gen, device=image.device, dtype=image.dtype)
-    for i in _chosen(b, cfg.p_blur, gen):
-        for ch in _chosen(c, cfg.p_per_channel, gen):
-            image[i, ch] = _blur(image[i, ch], _uniform((3,), *cfg.blur_sigma, gen).tolist())
-    for i in _chosen(b, cfg.p_brightness, gen):
-        image[i] *= _per_channel(image[i], _bg_contrast((c,), cfg.brightness, gen))
-    for i in _chosen(b, cfg.p_additive, gen):
-        image[i] += _per_channel(image[i], torch.randn(c, generator=gen) * cfg.additive_sigma)
-    for i in _chosen(b, cfg.p_contrast, gen):
+    c = image.shape[1]
+    for i, gen in enumerate(gens):
         x = image[i]
-        flat = x.flatten(1)
-        mean, lo, hi = flat.mean(1), flat.amin(1), flat.amax(1)
-        factor = _bg_contrast((c,), cfg.contrast, gen)
-        y = (x - _per_channel(x, mean)) * _per_channel(x, factor) + _per_channel(x, mean)
-        image[i] = torch.maximum(torch.minimum(y, _per_channel(x, hi)), _per_channel(x, lo))
-    for i in _chosen(b, cfg.p_lowres, gen):
-        for ch in _chosen(c, cfg.p_per_channel, gen):
-            zoom = float(_uniform((), *cfg.lowres_zoom, gen))
-            size = [max(1, round(s * zoom)) for s in image.shape[2:]]
-            low = F.interpolate(image[i, ch][None, None], size=size, mode="nearest")
-            image[i, ch] = F.interpolate(low, size=tuple(image.shape[2:]), mode="trilinear", align_corners=False)[0, 0]
-    for p, invert in ((cfg.p_gamma_inverted, True), (cfg.p_gamma, False)):
-        for i in _chosen(b, p, gen):
-            image[i] = _gamma(image[i], _bg_contrast((c,), cfg.gamma, gen), invert)
+        if cfg.p_scale_shift and _hit(cfg.p_scale_shift, gen):
+            scale, shift = _uniform((c,), 0.9, 1.1, gen), _uniform((c,), -0.1, 0.1, gen)
+            x = x * _per_channel(x, scale) + _per_channel(x, shift)
+        if _hit(cfg.p_noise, gen):
+            sigma = math.sqrt(float(_uniform((), *cfg.noise_variance, gen)))
+            seed = int(torch.randint(0, 2**31 - 1, (), generator=gen))
+            noise_gen = torch.Generator(device=image.device).manual_seed(seed)
+            x = x + sigma * torch.randn(x.shape, generator=noise_gen, device=image.device, dtype=image.dtype)
+        if _hit(cfg.p_blur, gen):
+            for ch in _chosen(c, cfg.p_per_channel, gen):
+                x[ch] = _blur(x[ch], _uniform((3,), *cfg.blur_sigma, gen).tolist())
+        if _hit(cfg.p_brightness, gen):
+            x = x * _per_channel(x, _bg_contrast((c,), cfg.brightness, gen))
+        if _hit(cfg.p_additive, gen):
+            x = x + _per_channel(x, torch.randn(c, generator=gen) * cfg.additive_sigma)
+        if _hit(cfg.p_contrast, gen):
+            flat = x.flatten(1)
+            mean, lo, hi = flat.mean(1), flat.amin(1), flat.amax(1)
+            factor = _bg_contrast((c,), cfg.contrast, gen)
+            y = (x - _per_channel(x, mean)) * _per_channel(x, factor) + _per_channel(x, mean)
+            x = torch.maximum(torch.minimum(y, _per_channel(x, hi)), _per_channel(x, lo))
+        if _hit(cfg.p_lowres, gen):
+            for ch in _chosen(c, cfg.p_per_channel, gen):
+                zoom = float(_uniform((), *cfg.lowres_zoom, gen))
+                size = [max(1, round(s * zoom)) for s in x.shape[1:]]
+                low = F.interpolate(x[ch][None, None], size=size, mode="nearest")
+                x[ch] = F.interpolate(low, size=tuple(x.shape[1:]), mode="trilinear", align_corners=False)[0, 0]
+        for p, invert in ((cfg.p_gamma_inverted, True), (cfg.p_gamma, False)):
+            if _hit(p, gen):
+                x = _gamma(x, _bg_contrast((c,), cfg.gamma, gen), invert)
+        image[i] = x
     return image
 
 
-def mirror(image: torch.Tensor, label: torch.Tensor, mask: torch.Tensor, gen: torch.Generator
+def mirror(image: torch.Tensor, label: torch.Tensor, mask: torch.Tensor, gens: list[torch.Generator]
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mirror each sample along each spatial axis with probability 1/2, image, label and mask together."""
-    draws = (torch.rand(image.shape[0], 3, generator=gen) < 0.5).tolist()
-    for i, axes in enumerate(draws):
-        dims = [a for a in range(3) if axes[a]]
+    for i, gen in enumerate(gens):
+        dims = [a for a in range(3) if _hit(0.5, gen)]
         if dims:
             image[i] = torch.flip(image[i], [d + 1 for d in dims])
             label[i] = torch.flip(label[i], dims)
@@ -306,7 +322,7 @@ def mirror(image: torch.Tensor, label: torch.Tensor, mask: torch.Tensor, gen: to
     return image, label, mask
 
 
-def augment_batch(batch: dict[str, Any], cfg: AugmentConfig, gen: torch.Generator, device: torch.device
+def augment_batch(batch: dict[str, Any], cfg: AugmentConfig, gens: list[torch.Generator], device: torch.device
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """The device-side pipeline: spatial samples from their regions, intensity transforms, mirroring, mask.
 
@@ -314,7 +330,7 @@ def augment_batch(batch: dict[str, Any], cfg: AugmentConfig, gen: torch.Generato
         batch: from the loader: ``image`` (B, C, *patch) and ``label`` (B, *patch) (slots of spatial samples
             are filled here), ``spatial``: list of (slot, region image, region label, draw).
         cfg: the level.
-        gen: the step's generator (CPU).
+        gens: one generator per sample of the batch (:func:`sample_generators` of the samples' numbers).
         device: the training device.
 
     Returns:
@@ -331,9 +347,11 @@ def augment_batch(batch: dict[str, Any], cfg: AugmentConfig, gen: torch.Generato
         image[slot], label[slot], mask[slot] = out, lab, msk
     if cfg.name == "none":
         return image, label
-    image = intensity(image, cfg, gen)
+    if len(gens) != image.shape[0]:
+        raise ValueError(f"augment_batch: {len(gens)} generators for a batch of {image.shape[0]}")
+    image = intensity(image, cfg, gens)
     if cfg.mirror:
-        image, label, mask = mirror(image, label, mask, gen)
+        image, label, mask = mirror(image, label, mask, gens)
     return image * mask[:, None], label
 
 

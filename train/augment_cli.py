@@ -24,7 +24,7 @@ from pipeline.cache import open_cache, open_case
 from pipeline.device import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.nifti import save_volume
-from train.augment import LEVELS, augment_batch, augment_level
+from train.augment import LEVELS, augment_batch, augment_level, sample_generators
 from train.dataset import PatchDataset, PatchSpec, make_batches
 from train.visual import COLOURS
 
@@ -40,7 +40,7 @@ def augmented_patches(cache_dir: str | Path, n: int, level: str, patch: tuple[in
     dataset = PatchDataset(cache.path, ids, spec, n)
     out = []
     for k, batch in enumerate(make_batches("threads", dataset, 0, n, 1, 1)):
-        image, label = augment_batch(batch, cfg, torch.Generator().manual_seed(seed * 1_000_003 + k), device)
+        image, label = augment_batch(batch, cfg, sample_generators(seed, batch["index"].tolist()), device)
         raw = plain[k]
         out.append((raw["image"].float().numpy(), raw["label"].numpy(), image[0].cpu().numpy(),
                     label[0].cpu().numpy().astype(np.uint8)))

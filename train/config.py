@@ -69,6 +69,10 @@ class TrainConfig(Config):
     with ``time_budget`` (minutes), over the elapsed share of the budget,
     whichever is further; ``amp`` (bf16 on CUDA, and on CPUs with bf16
     support), ``compile``, ``channels_last``.
+    Data parallelism (under torchrun, see train/distributed.py): ``batch_size``
+    is per rank; ``sync_bn`` synchronises batch-norm statistics across CUDA
+    ranks (presets with batch norm); ``dist_timeout`` (minutes) bounds every
+    collective, so a dead rank ends the job instead of hanging it.
     Loading: ``loader`` ("threads": a thread pool in the training process;
     "processes": a torch DataLoader), ``workers``.
     Validation: every ``val_every`` epochs, sliding window with ``val_overlap``
@@ -99,6 +103,8 @@ class TrainConfig(Config):
     amp: str | None = None
     compile: bool = False
     channels_last: bool | None = None
+    sync_bn: bool = False
+    dist_timeout: float = 10.0
     loader: str = "threads"
     workers: int = 2
     val_every: int = 1
@@ -134,6 +140,7 @@ class TrainConfig(Config):
             (self.amp is None or self.amp in AMP, "amp", self.amp),
             (self.loader in LOADERS, "loader", self.loader),
             (self.workers >= 0, "workers", self.workers),
+            (self.dist_timeout > 0, "dist_timeout (minutes, > 0)", self.dist_timeout),
             (self.val_every >= 1, "val_every", self.val_every),
             (0.0 <= self.val_overlap < 1.0, "val_overlap", self.val_overlap),
             (self.loss_mode in ("regions", "classes"), "loss_mode", self.loss_mode),

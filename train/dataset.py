@@ -103,7 +103,7 @@ class PatchDataset(Dataset[dict[str, Any]]):
             label: (px, py, pz) uint8 array, overwritten.
         """
         case, start, cls = self.locate(index)
-        meta = {"case_id": case.case_id, "start": torch.tensor(start), "fg_class": cls}
+        meta = {"case_id": case.case_id, "start": torch.tensor(start), "fg_class": cls, "index": int(index)}
         draw = spatial_draw(self.spec.augment, self.spec.seed, index)
         if draw is not None:
             return {**meta, "region": self.read_region(case, start, draw)}
@@ -118,17 +118,28 @@ class PatchDataset(Dataset[dict[str, Any]]):
                 **self.load_into(index, image, label)}
 
 
-class RunSampler(Sampler[int]):
-    """Yields sample numbers ``first, first + 1, ...`` (``count`` of them)."""
+def sample_number(first_sample: int, step: int, slot: int, batch_size: int, rank: int = 0, world: int = 1) -> int:
+    """The sample that ``rank`` of ``world`` reads into ``slot`` at the ``step``-th step after ``first_sample``.
 
-    def __init__(self, first: int, count: int) -> None:
-        self.first, self.count = first, count
+    A global batch is ``world * batch_size`` consecutive sample numbers, rank r taking the r-th share, so
+    W ranks with batch b read exactly the samples of one process with batch W * b, disjoint across ranks.
+    """
+    return first_sample + (step * world + rank) * batch_size + slot
+
+
+class RunSampler(Sampler[int]):
+    """Yields the sample numbers of ``steps`` steps of one rank (see :func:`sample_number`)."""
+
+    def __init__(self, first_sample: int, steps: int, batch_size: int, rank: int = 0, world: int = 1) -> None:
+        self.args = (first_sample, batch_size, rank, world)
+        self.steps, self.batch_size = steps, batch_size
 
     def __iter__(self) -> Iterator[int]:
-        return iter(range(self.first, self.first + self.count))
+        first, b, rank, world = self.args
+        return iter(sample_number(first, s, j, b, rank, world) for s in range(self.steps) for j in range(b))
 
     def __len__(self) -> int:
-        return self.count
+        return self.steps * self.batch_size
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -146,15 +157,18 @@ def _metadata(items: list[dict[str, Any]]) -> dict[str, Any]:
         "case_id": [i["case_id"] for i in items],
         "start": torch.stack([i["start"] for i in items]),
         "fg_class": torch.tensor([i["fg_class"] for i in items]),
+        "index": torch.tensor([i["index"] for i in items]),
         "spatial": [(j, i["region"]["image"], i["region"]["label"], i["region"]["draw"])
                     for j, i in enumerate(items) if "region" in i],
     }
 
 
 def thread_batches(
-    dataset: PatchDataset, first_step: int, steps: int, batch_size: int, workers: int, pin_memory: bool = False
+    dataset: PatchDataset, first_sample: int, steps: int, batch_size: int, workers: int, pin_memory: bool = False,
+    rank: int = 0, world: int = 1,
 ) -> Iterator[dict[str, Any]]:
-    """Batches for steps ``first_step .. first_step + steps - 1`` from a thread pool.
+    """Batches of ``steps`` steps from sample ``first_sample`` on (this rank's share, :func:`sample_number`),
+    from a thread pool.
 
     Chunk reads and Blosc decoding release the GIL, so threads decode in
     parallel without copying patches between processes (the costly part on a
@@ -164,39 +178,44 @@ def thread_batches(
     """
     pool = ThreadPoolExecutor(max_workers=max(workers, 1), thread_name_prefix="patch")
     try:
-        ahead = [_submit(pool, dataset, first_step + s, batch_size, pin_memory) for s in range(min(2, steps))]
+        def submit(step: int) -> tuple[dict[str, Any], list[Future[dict[str, Any]]]]:
+            return _submit(pool, dataset, [sample_number(first_sample, step, j, batch_size, rank, world)
+                                           for j in range(batch_size)], pin_memory)
+
+        ahead = [submit(s) for s in range(min(2, steps))]
         for step in range(steps):
             batch, futures = ahead.pop(0)
             if step + 2 < steps:
-                ahead.append(_submit(pool, dataset, first_step + step + 2, batch_size, pin_memory))
+                ahead.append(submit(step + 2))
             batch.update(_metadata([f.result() for f in futures]))
             yield batch
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _submit(pool: ThreadPoolExecutor, dataset: PatchDataset, step: int, batch_size: int,
+def _submit(pool: ThreadPoolExecutor, dataset: PatchDataset, samples: list[int],
             pin_memory: bool) -> tuple[dict[str, Any], list[Future[dict[str, Any]]]]:
     """Allocate one batch and queue the reads of its samples."""
+    batch_size = len(samples)
     size = dataset.spec.patch_size
     dtype = torch.float16 if dataset.image_dtype == np.float16 else torch.float32
     image = torch.empty((batch_size, 4, *size), dtype=dtype, pin_memory=pin_memory)
     label = torch.empty((batch_size, *size), dtype=torch.uint8, pin_memory=pin_memory)
     futures = [
-        pool.submit(dataset.load_into, step * batch_size + j, image[j].numpy(), label[j].numpy())
-        for j in range(batch_size)
+        pool.submit(dataset.load_into, k, image[j].numpy(), label[j].numpy()) for j, k in enumerate(samples)
     ]
     return {"image": image, "label": label}, futures
 
 
 def process_batches(
-    dataset: PatchDataset, first_step: int, steps: int, batch_size: int, workers: int, pin_memory: bool = False
+    dataset: PatchDataset, first_sample: int, steps: int, batch_size: int, workers: int, pin_memory: bool = False,
+    rank: int = 0, world: int = 1,
 ) -> Iterator[dict[str, Any]]:
     """The same batches from a torch DataLoader with worker processes."""
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=RunSampler(first_step * batch_size, steps * batch_size),
+        sampler=RunSampler(first_sample, steps, batch_size, rank, world),
         num_workers=workers,
         collate_fn=collate,
         pin_memory=pin_memory,
@@ -206,11 +225,12 @@ def process_batches(
     yield from loader
 
 
-def make_batches(kind: str, dataset: PatchDataset, first_step: int, steps: int, batch_size: int,
-                 workers: int, pin_memory: bool = False) -> Iterator[dict[str, Any]]:
-    """Dispatch to :func:`thread_batches` or :func:`process_batches`."""
+def make_batches(kind: str, dataset: PatchDataset, first_sample: int, steps: int, batch_size: int,
+                 workers: int, pin_memory: bool = False, rank: int = 0, world: int = 1) -> Iterator[dict[str, Any]]:
+    """Dispatch to :func:`thread_batches` or :func:`process_batches`: ``steps`` batches of ``batch_size``,
+    this rank's share of the global batches that start at sample ``first_sample``."""
     fn = thread_batches if kind == "threads" else process_batches
-    return fn(dataset, first_step, steps, batch_size, workers, pin_memory)
+    return fn(dataset, first_sample, steps, batch_size, workers, pin_memory, rank, world)
 
 
 def split_cases(case_ids: Sequence[str], n_folds: int, fold: int) -> tuple[list[str], list[str]]:

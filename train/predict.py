@@ -15,7 +15,8 @@ turns it off), uncrop, raw BraTS labels of the case's edition (ET = 4 for
   (background, NCR, ED, ET; softmax). Outside the brain crop every channel is
   0, except softmax background, which is 1.
 * ``predict_record.json``: checkpoint and step, settings, channel names,
-  written and failed cases, versions and git commit.
+  written and failed cases, versions and git commit (under torchrun, where
+  each rank predicts its share of the cases, one record per rank).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from pipeline.inference import probs_to_labels, sliding_window_predict
 from pipeline.nifti import CaseFiles, discover_cases, read_case, save_volume
 from pipeline.postprocess import PostProcessing, apply
 from pipeline.provenance import run_record
+from train import distributed
 from train.checkpoint import CHECKPOINT_NAMES, load_checkpoint, model_from_checkpoint
 
 POSTPROCESSING = "postprocessing.json"
@@ -390,8 +392,15 @@ def predict_cases(
     return summary
 
 
-def write_record(summary: PredictSummary, predictor: Predictor, cfg: PredictConfig, source: str) -> Path:
-    """Write ``predict_record.json`` beside the predictions."""
+def record_name(world: distributed.World) -> str:
+    """``predict_record.json``; under torchrun each rank records its own share,
+    ``predict_record.rank<R>-of-<W>.json``."""
+    return RECORD if not world.parallel else RECORD.replace(".json", f".rank{world.rank}-of-{world.size}.json")
+
+
+def write_record(summary: PredictSummary, predictor: Predictor, cfg: PredictConfig, source: str,
+                 world: distributed.World = distributed.World()) -> Path:
+    """Write ``predict_record.json`` (see :func:`record_name`) beside the predictions."""
     n = len(summary.written) + len(summary.failed)
     body = {
         "checkpoint": predictor.checkpoint, "members": list(predictor.members), "step": predictor.step,
@@ -400,11 +409,11 @@ def write_record(summary: PredictSummary, predictor: Predictor, cfg: PredictConf
         "patch_size": list(predictor.patch_size), "device": str(predictor.device),
         "settings": cfg.to_dict(), "postprocessing": (post.to_dict() if (post := postprocessing_of(predictor, cfg))
                                                       else None),
-        "written": summary.written, "failed": summary.failed,
+        "written": summary.written, "failed": summary.failed, "rank": world.rank, "world_size": world.size,
         "seconds": round(summary.seconds, 3), "seconds_per_case": round(summary.seconds / max(n, 1), 3),
         "record": run_record(),
     }
-    path = summary.out_dir / RECORD
+    path = summary.out_dir / record_name(world)
     path.write_text(json.dumps(body, indent=2))
     return path
 
@@ -416,21 +425,25 @@ def run_predict(
     """Load a checkpoint (or a run directory's best), or several as an ensemble, and predict raw or cached
     cases into ``out_dir``.
 
+    Under torchrun (``torchrun --nproc-per-node N -m train.predict ...``) rank r of W predicts every W-th
+    case from the r-th, on ``cuda:LOCAL_RANK`` when the device is CUDA, and writes its own record.
+
     Raises:
         ConfigError: neither or both of ``input_dir`` and ``cache_dir``.
         CheckpointError, CacheFormatError, FileNotFoundError: unusable inputs.
     """
     if (input_dir is None) == (cache_dir is None):
         raise ConfigError(f"give exactly one of input_dir ({input_dir}) and cache_dir ({cache_dir})")
-    device = resolve_device(cfg.device)
+    world = distributed.from_env()
+    device = distributed.rank_device(resolve_device(cfg.device), world)
     runs = [run] if isinstance(run, (str, Path)) else list(run)
     predictor = ensemble([load_predictor(load_checkpoint(r), device) for r in run_checkpoints(runs)])
     if input_dir is not None:
         sources, where = raw_sources(input_dir, case_ids, predictor.input_dtype), str(input_dir)
     else:
         sources, where = cache_sources(str(cache_dir), case_ids), str(cache_dir)
-    summary = predict_cases(predictor, sources, out_dir, cfg, progress)
-    write_record(summary, predictor, cfg, where)
+    summary = predict_cases(predictor, world.share(sources), out_dir, cfg, progress and world.main)
+    write_record(summary, predictor, cfg, where, world)
     return summary
 
 
@@ -467,10 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
         "uint8 raw BraTS labels (ET = 4 for 2018-2021 cases, 3 for 2023) on the input's grid, affine and "
         "header, plus OUT/predict_record.json. Exit code 1 if any case failed, 2 if nothing could start.",
     )
-    p.add_argument("--run", required=True, nargs="+", metavar="RUN_OR_CHECKPOINT",
+    p.add_argument("--run", "--checkpoint", dest="run", required=True, nargs="+", metavar="RUN_OR_CHECKPOINT",
                    help="run directory (its best.pt, else last.pt) or a checkpoint file; several, or a folder of "
                    "run directories (e.g. the folds of python -m train.cv), predict as an ensemble that "
-                   "averages their probabilities")
+                   "averages their probabilities (under torchrun spell it --checkpoint: torchrun reads --run as "
+                   "its own --run-path)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", metavar="IN", help="folder of raw case folders (searched recursively)")
     src.add_argument("--cache-dir", metavar="CACHE", help="a preprocessed cache instead of raw input")

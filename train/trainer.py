@@ -12,18 +12,21 @@ from typing import Any, Literal, cast
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from pipeline.brats import LOSS_OUTPUT
 from pipeline.cache import open_cache, open_case
+from pipeline.cache.location import Location
 from pipeline.device import autocast_dtype, cpu_bf16, resolve_device
 from pipeline.inference import probs_to_labels, sliding_window_predict
 from pipeline.losses import LossConfig, SegmentationLoss, num_outputs
 from pipeline.metrics import batch_region_dice
 from pipeline.model import ModelConfig, build_model, model_preset
 from pipeline.provenance import run_record
-from train.augment import augment_batch, augment_level
+from train import distributed
+from train.augment import augment_batch, augment_level, sample_generators
 from pipeline.errors import CheckpointError, ConfigError
 from train.checkpoint import load_checkpoint, save_checkpoint
 from train.config import ALL, RECIPE_POSTPROCESSING, TrainConfig, recipe_name, resolve
@@ -43,8 +46,10 @@ class Parts:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     device: torch.device
-    cache_dir: Path
+    cache_dir: Location  # a folder, or an fsspec URL (s3://...)
     split: dict[str, Any]
+    world: distributed.World
+    step_model: nn.Module  # what a training step calls: the model, or its DDP wrapper (compiled when asked)
 
 
 def make_split(labelled: list[str], cfg: TrainConfig) -> dict[str, Any]:
@@ -59,8 +64,14 @@ def make_split(labelled: list[str], cfg: TrainConfig) -> dict[str, Any]:
 
 
 def build(cfg: TrainConfig) -> Parts:
-    """Resolve device, recipe, cache and split; build model, loss, optimiser and scaler."""
-    device = resolve_device(cfg.device)
+    """Resolve device, recipe, cache and split; join the torchrun job, if any; build model, loss, optimiser
+    and scaler.
+
+    Raises:
+        ConfigError: ``sync_bn`` asked for a model without batch norm, or for CPU ranks.
+    """
+    world = distributed.from_env()
+    device = distributed.rank_device(resolve_device(cfg.device), world)
     cfg = resolve(cfg, device.type, cpu_bf16())
     cache = open_cache(cfg.cache_dir)
     labelled = [c for c in cache.case_ids if open_case(cache.path, c).has_label]
@@ -68,10 +79,23 @@ def build(cfg: TrainConfig) -> Parts:
     loss_cfg = LossConfig(mode=cfg.loss_mode)
     model_cfg = model_preset(str(cfg.preset), out_channels=num_outputs(cfg.loss_mode),
                              deep_supervision=cfg.deep_supervision)
-    torch.manual_seed(cfg.seed)
+    if cfg.sync_bn and model_cfg.norm != "batch":
+        raise ConfigError(f"--sync-bn: preset {model_cfg.preset!r} uses {model_cfg.norm} norm, which has no "
+                          "batch statistics to synchronise (batch-norm presets: seed)")
+    if cfg.sync_bn and world.parallel and device.type != "cuda":
+        raise ConfigError("--sync-bn needs CUDA ranks (torch's SyncBatchNorm does not run on CPU)")
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_model(model_cfg).to(device)
+    if cfg.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
+    distributed.init(device, cfg.dist_timeout)
+    step_model: nn.Module = model
+    if world.parallel:
+        step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        step_model = cast(nn.Module, torch.compile(step_model))
     lr = float(cfg.lr or 0.0)
     if cfg.optimizer == "sgd":
         optimizer: torch.optim.Optimizer = torch.optim.SGD(
@@ -83,7 +107,8 @@ def build(cfg: TrainConfig) -> Parts:
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and cfg.amp == "fp16")
     loss_fn = SegmentationLoss(loss_cfg)
-    return Parts(cfg, model_cfg, loss_cfg, model, loss_fn, optimizer, scaler, device, cache.path, split)
+    return Parts(cfg, model_cfg, loss_cfg, model, loss_fn, optimizer, scaler, device, cache.path, split, world,
+                 step_model)
 
 
 def lr_factor(schedule: str, progress: float) -> float:
@@ -123,18 +148,22 @@ def _autocast(parts: Parts) -> torch.autocast:
     return torch.autocast(parts.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
-def train_step(parts: Parts, step_model: nn.Module, batch: dict[str, Any], gen: torch.Generator,
-               lr: float) -> dict[str, float]:
-    """One optimisation step on a batch at learning rate ``lr``; returns ``loss`` and ``lr``."""
+def train_step(parts: Parts, batch: dict[str, Any], lr: float) -> dict[str, float]:
+    """One optimisation step on a batch at learning rate ``lr``; returns ``loss`` (this rank's) and ``lr``.
+
+    Under torchrun the gradients are averaged over the ranks (DDP), so W ranks with batch b take the step
+    one process takes with batch W * b (the losses are means over samples).
+    """
     for group in parts.optimizer.param_groups:
         group["lr"] = lr
-    image, label = augment_batch(batch, augment_level(str(parts.cfg.augment)), gen, parts.device)
+    gens = sample_generators(parts.cfg.seed, batch["index"].tolist())
+    image, label = augment_batch(batch, augment_level(str(parts.cfg.augment)), gens, parts.device)
     if parts.cfg.channels_last:
         image = image.contiguous(memory_format=torch.channels_last_3d)
     parts.model.train()
     parts.optimizer.zero_grad(set_to_none=True)
     with _autocast(parts):
-        output = step_model(image)
+        output = parts.step_model(image)
     loss = parts.loss_fn(output, label)
     parts.scaler.scale(loss).backward()
     parts.scaler.unscale_(parts.optimizer)
@@ -147,11 +176,14 @@ def train_step(parts: Parts, step_model: nn.Module, batch: dict[str, Any], gen: 
 def validate(parts: Parts) -> tuple[dict[str, float], np.ndarray | None]:
     """Sliding-window inference over whole held-out cases; mean Dice per region.
 
+    Under torchrun each rank predicts its share of the cases and the sums are all-reduced, so every rank
+    returns the same metrics.
+
     Returns:
         (metrics ``Dice_WT``, ``Dice_TC``, ``Dice_ET``, ``Dice_mean``;
-        an overlay image (H, W, 3) uint8 of the first case, or None).
+        an overlay image (H, W, 3) uint8 of the first case of this rank, or None).
     """
-    ids = parts.split["val"][: parts.cfg.max_val_cases or None]
+    ids = parts.world.share(parts.split["val"][: parts.cfg.max_val_cases or None])
     mode = cast(Literal["sigmoid", "softmax"], LOSS_OUTPUT[parts.loss_cfg.mode])
     rows, picture = [], None
     parts.model.eval()
@@ -168,29 +200,33 @@ def validate(parts: Parts) -> tuple[dict[str, float], np.ndarray | None]:
         rows.append(batch_region_dice(pred, truth))
         if picture is None:
             picture = overlay_slice(image[0].numpy(), truth, pred)
-    metrics = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}
+    keys = ("Dice_WT", "Dice_TC", "Dice_ET")
+    totals = parts.world.sum([sum(r[k] for r in rows) for k in keys] + [len(rows)])
+    metrics = {k: totals[i] / totals[-1] for i, k in enumerate(keys)} if totals[-1] else {}
     if metrics:
-        metrics["Dice_mean"] = float(np.mean([metrics[k] for k in ("Dice_WT", "Dice_TC", "Dice_ET")]))
+        metrics["Dice_mean"] = float(np.mean([metrics[k] for k in keys]))
     return metrics, picture
 
 
 def _state(parts: Parts, step: int, epoch: int, best: float, history: list[dict[str, float]],
-           clock: Clock) -> dict[str, Any]:
-    """A checkpoint: weights, optimiser, scaler, RNG, time spent, configs (weights_only-safe)."""
+           clock: Clock, samples: int) -> dict[str, Any]:
+    """A checkpoint: weights, optimiser, scaler, RNG, time spent, samples drawn, configs (weights_only-safe)."""
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     return {
         "model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
         "scaler": parts.scaler.state_dict(), "step": step, "epoch": epoch, "best_metric": best,
-        "history": history, "rng": rng, "elapsed_s": clock.elapsed(),
+        "history": history, "rng": rng, "elapsed_s": clock.elapsed(), "samples": samples,
+        "world_size": parts.world.size,
         "model_config": parts.model_cfg.to_dict(), "loss_config": parts.loss_cfg.to_dict(),
         "train_config": parts.cfg.to_dict(), "preprocess_config": open_cache(parts.cache_dir).manifest["preprocess"],
         "split": parts.split,
     }
 
 
-def _restore(parts: Parts, state: dict[str, Any], clock: Clock) -> tuple[int, int, float, list[dict[str, float]]]:
+def _restore(parts: Parts, state: dict[str, Any], clock: Clock
+             ) -> tuple[int, int, float, list[dict[str, float]], int]:
     parts.model.load_state_dict(state["model"])
     parts.optimizer.load_state_dict(state["optimizer"])
     parts.scaler.load_state_dict(state["scaler"])
@@ -198,12 +234,14 @@ def _restore(parts: Parts, state: dict[str, Any], clock: Clock) -> tuple[int, in
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     clock.spent_s = float(state.get("elapsed_s", 0.0))
-    return int(state["step"]), int(state["epoch"]), float(state["best_metric"]), list(state["history"])
+    samples = int(state.get("samples", int(state["step"]) * int(parts.cfg.batch_size or 1)))
+    return int(state["step"]), int(state["epoch"]), float(state["best_metric"]), list(state["history"]), samples
 
 
 #: Settings a resumed run may change: where and how fast it runs, not what it trains.
 RESUMABLE_CHANGES = frozenset({"cache_dir", "run_dir", "device", "amp", "channels_last", "compile", "loader",
-                               "workers", "val_every", "val_overlap", "max_val_cases", "epochs", "time_budget"})
+                               "workers", "val_every", "val_overlap", "max_val_cases", "epochs", "time_budget",
+                               "dist_timeout"})
 
 
 def check_resume(parts: Parts, state: dict[str, Any]) -> None:
@@ -253,80 +291,103 @@ def fit(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dic
     would start after the budget is spent; validation and checkpoints count
     against it, and the learning rate follows the elapsed share of it.
 
+    Under torchrun every rank runs this with the same arguments: ``batch_size``
+    is per rank, each rank reads its share of every global batch, only rank 0
+    writes the run folder, and the ranks agree on the learning rate and on
+    when the budget is spent (rank 0's clock decides; a slow rank delays all).
+    A run may resume on another number of ranks: it continues from the next
+    unseen sample.
+
     Raises:
         ConfigError: the budget was spent before a single step completed.
     """
     parts, run_dir = build(cfg), Path(cfg.run_dir)
-    cfg = parts.cfg
+    cfg, world = parts.cfg, parts.world
     budget_s = cfg.time_budget * 60.0 if cfg.time_budget else None
     clock = Clock(budget_s, cfg.total_steps)
-    step, epoch, best, history = 0, 0, -1.0, []
+    step, epoch, best, history, samples = 0, 0, -1.0, [], 0
     if resume:
         if not (run_dir / "last.pt").exists():
             raise CheckpointError(f"nothing to resume: no last.pt in {run_dir}")
         state = load_checkpoint(run_dir / "last.pt")
         check_resume(parts, state)
-        step, epoch, best, history = _restore(parts, state, clock)
+        step, epoch, best, history, samples = _restore(parts, state, clock)
     clock.start()
-    _write_run_files(parts, run_dir)
-    step_model = torch.compile(parts.model) if cfg.compile else parts.model
+    if world.main:
+        _write_run_files(parts, run_dir)
     spec = PatchSpec(tuple(cfg.patch_size or ()), float(cfg.p_fg or 0.0), seed=cfg.seed,  # type: ignore[arg-type]
                      augment=augment_level(str(cfg.augment)))
-    dataset = PatchDataset(parts.cache_dir, parts.split["train"], spec, cfg.total_steps * int(cfg.batch_size or 1))
-    writer = SummaryWriter(str(run_dir / "tb"), purge_step=step or None)
+    global_batch = int(cfg.batch_size or 1) * world.size
+    dataset = PatchDataset(parts.cache_dir, parts.split["train"], spec, samples + cfg.total_steps * global_batch)
+    writer = SummaryWriter(str(run_dir / "tb"), purge_step=step or None) if world.main else None
     last: dict[str, Any] = dict(history[-1]) if history else {}
     epochs = int(cfg.epochs or 1)
     try:
-        while epoch < epochs and (step == 0 or not clock.exhausted()):
-            timing = _epoch(parts, step_model, dataset, writer, step, epoch, clock, progress)
-            step, epoch = step + int(timing.pop("steps")), epoch + 1
-            stopped = clock.exhausted()
+        while epoch < epochs and (step == 0 or not _spent(world, clock)):
+            timing = _epoch(parts, dataset, writer, step, samples, epoch, clock, progress)
+            done = int(timing.pop("steps"))
+            step, epoch, samples = step + done, epoch + 1, samples + done * global_batch
+            stopped = _spent(world, clock)
             last = {"epoch": epoch, "step": step, "elapsed_s": clock.elapsed(), **timing}
             if parts.split["val"] and not stopped and (epoch % cfg.val_every == 0 or epoch == epochs):
                 metrics, picture = validate(parts)
                 last.update(metrics)
-                _log_validation(writer, metrics, picture, step)
+                if writer is not None:
+                    _log_validation(writer, metrics, picture, step)
                 if metrics.get("Dice_mean", -1.0) > best:
                     best = metrics["Dice_mean"]
-                    save_checkpoint(run_dir / "best.pt", _state(parts, step, epoch, best, history + [last], clock))
+                    if world.main:
+                        save_checkpoint(run_dir / "best.pt",
+                                        _state(parts, step, epoch, best, history + [last], clock, samples))
             history.append(last)
-            save_checkpoint(run_dir / "last.pt", _state(parts, step, epoch, best, history, clock))
+            if world.main:
+                save_checkpoint(run_dir / "last.pt", _state(parts, step, epoch, best, history, clock, samples))
+        world.barrier()  # no rank leaves before the last checkpoint is on disk
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
     return {**last, "history": history}
 
 
-def _epoch(parts: Parts, step_model: nn.Module, dataset: PatchDataset, writer: SummaryWriter, first_step: int,
+def _spent(world: distributed.World, clock: Clock) -> bool:
+    """Whether the time budget is spent, as rank 0's clock says (the same answer on every rank)."""
+    return world.any(clock.exhausted() and world.main)
+
+
+def _epoch(parts: Parts, dataset: PatchDataset, writer: SummaryWriter | None, first_step: int, first_sample: int,
            epoch: int, clock: Clock, progress: bool) -> dict[str, float]:
     """Run one epoch, or its part before the time budget runs out.
 
     Logs loss, lr, patches/s and the share of time spent waiting on data;
     returns them with ``steps``, the number of steps run.
     """
-    cfg = parts.cfg
+    cfg, world = parts.cfg, parts.world
     iters, batch_size = int(cfg.iters_per_epoch or 1), int(cfg.batch_size or 1)
-    batches = make_batches(cfg.loader, dataset, first_step, iters, batch_size, cfg.workers,
-                           pin_memory=parts.device.type == "cuda")
-    bar = tqdm(total=iters, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, unit="it")
+    batches = make_batches(cfg.loader, dataset, first_sample, iters, batch_size, cfg.workers,
+                           pin_memory=parts.device.type == "cuda", rank=world.rank, world=world.size)
+    bar = tqdm(total=iters, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (progress and world.main),
+               unit="it")
     wait = losses = 0.0
     steps = 0
     t0 = t_prev = time.perf_counter()
     for i, batch in enumerate(batches):
-        if i and clock.exhausted():  # the clock is checked before each step
+        # rank 0's clock decides, for every rank: whether to stop, and the schedule's progress
+        spent, done = world.max([float(clock.exhausted()), clock.progress(first_step + i)] if world.main else [0, 0])
+        if i and spent:  # the clock is checked before each step
             break
         t_data = time.perf_counter()
         wait += t_data - t_prev
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + first_step + i)
-        lr = float(cfg.lr or 0.0) * lr_factor(str(cfg.schedule), clock.progress(first_step + i))
-        out = train_step(parts, step_model, batch, gen, lr)
+        lr = float(cfg.lr or 0.0) * lr_factor(str(cfg.schedule), done)
+        out = train_step(parts, batch, lr)
         steps += 1
         losses += out["loss"]
         t_prev = time.perf_counter()
-        if first_step + i == 0 and clock.exhausted():
+        if first_step + i == 0 and _spent(world, clock):
             raise ConfigError(f"--time-budget {cfg.time_budget} min is too small: one training step took "
                               f"{clock.elapsed():.1f} s")
-        writer.add_scalar("train/loss", out["loss"], first_step + i + 1)
-        writer.add_scalar("train/lr", out["lr"], first_step + i + 1)
+        if writer is not None:
+            writer.add_scalar("train/loss", out["loss"], first_step + i + 1)
+            writer.add_scalar("train/lr", out["lr"], first_step + i + 1)
         bar.set_postfix(loss=f"{out['loss']:.4f}", wait=f"{wait / (t_prev - t0):.0%}")
         bar.update()
     bar.close()
@@ -334,12 +395,13 @@ def _epoch(parts: Parts, step_model: nn.Module, dataset: PatchDataset, writer: S
     timing = {
         "steps": float(steps),
         "train_loss": losses / max(steps, 1),
-        "patches_per_s": steps * batch_size / seconds,
+        "patches_per_s": steps * batch_size * world.size / seconds,
         "data_wait_share": wait / seconds,
         "step_seconds": seconds / max(steps, 1),
     }
-    for k in ("patches_per_s", "data_wait_share", "step_seconds"):
-        writer.add_scalar(f"train/{k}", timing[k], first_step + steps)
+    if writer is not None:
+        for k in ("patches_per_s", "data_wait_share", "step_seconds"):
+            writer.add_scalar(f"train/{k}", timing[k], first_step + steps)
     return timing
 
 

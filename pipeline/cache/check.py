@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from pipeline.brats import CLASS_NAMES
+from pipeline.cache.location import Location, fs_path, is_local
 from pipeline.cache.store import CacheInfo, CachedCase, open_case
 from pipeline.errors import CacheFormatError
 
 
-def disk_usage(path: Path) -> int:
-    """Bytes of every file under ``path``."""
+def disk_usage(path: Location) -> int:
+    """Bytes of every file (or object) under ``path``."""
+    if not is_local(path):
+        fs, inner = fs_path(path)
+        return int(fs.du(inner))
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 

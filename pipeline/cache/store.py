@@ -21,6 +21,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from pipeline.atomic import atomic_path
+from pipeline.cache.location import Location, as_location, check_reachable, fs_path
 from pipeline.config import Config
 from pipeline.errors import CacheFormatError, ConfigError
 
@@ -86,14 +87,14 @@ class PreprocessConfig(Config):
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
-def cache_dir_for(root: str | os.PathLike[str], name: str, cfg: PreprocessConfig) -> Path:
+def cache_dir_for(root: str | os.PathLike[str] | Location, name: str, cfg: PreprocessConfig) -> Location:
     """``<root>/<name>-<key>``: a new setting gives a new directory, never a mixed one."""
-    return Path(root) / f"{name}-{cfg.key()}"
+    return as_location(root) / f"{name}-{cfg.key()}"
 
 
-def case_path(cache_dir: str | os.PathLike[str], case_id: str) -> Path:
+def case_path(cache_dir: str | os.PathLike[str] | Location, case_id: str) -> Location:
     """Where a complete case lives."""
-    return Path(cache_dir) / f"{case_id}{_SUFFIX}"
+    return as_location(cache_dir) / f"{case_id}{_SUFFIX}"
 
 
 # ---------------------------------------------------------------- writing
@@ -114,14 +115,19 @@ def _create(group: zarr.Group, name: str, data: np.ndarray, chunks: tuple[int, .
 
 
 def write_case(
-    cache_dir: str | os.PathLike[str],
+    cache_dir: str | os.PathLike[str] | Location,
     image: np.ndarray,
     label: np.ndarray | None,
     indices: dict[int, np.ndarray],
     attrs: dict[str, Any],
     cfg: PreprocessConfig,
-) -> Path:
+) -> Location:
     """Write one case atomically: to a hidden temporary group, renamed when complete.
+
+    On object storage, which cannot rename, the case is written in place
+    (after removing an older version of it) and becomes visible when its
+    ``complete`` attribute, the last object written, lands; a writer killed
+    before that leaves a case that no reader uses and the next run rewrites.
 
     Args:
         cache_dir: the keyed cache directory (created if needed).
@@ -136,24 +142,35 @@ def write_case(
     """
     case_id = str(attrs["case_id"])
     final = case_path(cache_dir, case_id)
+    if not isinstance(final, Path):
+        fs, inner = fs_path(final)
+        if fs.exists(inner):
+            fs.rm(inner, recursive=True)  # an older version: no longer complete from here on
+        _write_group(final, image, label, indices, attrs, cfg)
+        return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-        _create(group, "image", image.astype(cfg.dtype), (image.shape[0], *cfg.chunk), cfg)
-        _pause_for_tests(tmp)
-        if label is not None:
-            _create(group, "label", label.astype(np.uint8), cfg.chunk, cfg)
-        idx_group = group.create_group("indices")
-        for cls, coords in sorted(indices.items()):
-            _create(idx_group, str(cls), coords.astype(np.int32), (max(len(coords), 1), 3), cfg)
-        # ``complete`` is written last: a group without it is never read.
-        group.attrs.update({**attrs, "format_version": FORMAT_VERSION, "complete": True})
+        _write_group(tmp, image, label, indices, attrs, cfg)
         _replace_dir(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _write_group(where: Location, image: np.ndarray, label: np.ndarray | None, indices: dict[int, np.ndarray],
+                 attrs: dict[str, Any], cfg: PreprocessConfig) -> None:
+    """The arrays, then the attributes with ``complete``: a group without it is never read."""
+    group = zarr.open_group(str(where), mode="w", zarr_format=3)
+    _create(group, "image", image.astype(cfg.dtype), (image.shape[0], *cfg.chunk), cfg)
+    _pause_for_tests(where)
+    if label is not None:
+        _create(group, "label", label.astype(np.uint8), cfg.chunk, cfg)
+    idx_group = group.create_group("indices")
+    for cls, coords in sorted(indices.items()):
+        _create(idx_group, str(cls), coords.astype(np.int32), (max(len(coords), 1), 3), cfg)
+    group.attrs.update({**attrs, "format_version": FORMAT_VERSION, "complete": True})
 
 
 #: Tests set this to a file name: the first case write then creates it and blocks, half written, until
@@ -162,7 +179,7 @@ def write_case(
 PAUSE_ENV = "BRATS_PIPELINE_TEST_PAUSE_IN_WRITE"
 
 
-def _pause_for_tests(tmp: Path) -> None:
+def _pause_for_tests(tmp: Location) -> None:
     flag = os.environ.get(PAUSE_ENV)
     if not flag or Path(flag).exists():
         return
@@ -184,12 +201,16 @@ def _replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def cleanup_partial(cache_dir: str | os.PathLike[str]) -> list[str]:
+def cleanup_partial(cache_dir: str | os.PathLike[str] | Location) -> list[str]:
     """Delete leftovers of interrupted writes (``.*.zarr.tmp-*``, ``.*.zarr.old-*``).
 
     Call only when no other writer uses ``cache_dir``. Returns the removed names.
+    On object storage there are none: an interrupted case is an incomplete
+    group in place, which the next run rewrites.
     """
-    cache_dir = Path(cache_dir)
+    cache_dir = as_location(cache_dir)
+    if not isinstance(cache_dir, Path):
+        return []
     removed = []
     for p in cache_dir.glob(f".*{_SUFFIX}.*"):
         if ".tmp-" in p.name or ".old-" in p.name:
@@ -198,7 +219,7 @@ def cleanup_partial(cache_dir: str | os.PathLike[str]) -> list[str]:
     return removed
 
 
-def _read_attrs(path: Path) -> dict[str, Any] | None:
+def _read_attrs(path: Location) -> dict[str, Any] | None:
     """Group attributes straight from ``zarr.json`` (cheap), or None if unreadable."""
     try:
         meta = json.loads((path / "zarr.json").read_text())
@@ -208,13 +229,14 @@ def _read_attrs(path: Path) -> dict[str, Any] | None:
     return attrs if isinstance(attrs, dict) else None
 
 
-def case_status(cache_dir: str | os.PathLike[str], case_id: str, sources: list[dict[str, Any]], cfg: PreprocessConfig) -> str:
+def case_status(cache_dir: str | os.PathLike[str] | Location, case_id: str, sources: list[dict[str, Any]],
+                cfg: PreprocessConfig) -> str:
     """``"complete"`` if the cached case is whole and built from exactly ``sources`` with ``cfg``;
     ``"stale"`` if it exists but differs; ``"missing"`` otherwise."""
     path = case_path(cache_dir, case_id)
-    if not path.exists():
-        return "missing"
     attrs = _read_attrs(path)
+    if attrs is None and not path.exists():
+        return "missing"
     if (
         attrs is None
         or attrs.get("complete") is not True
@@ -226,20 +248,21 @@ def case_status(cache_dir: str | os.PathLike[str], case_id: str, sources: list[d
     return "complete"
 
 
-def complete_cases(cache_dir: str | os.PathLike[str]) -> list[str]:
+def complete_cases(cache_dir: str | os.PathLike[str] | Location) -> list[str]:
     """Ids of every complete case of the current format version on disk, sorted."""
     out = []
-    for p in sorted(Path(cache_dir).glob(f"*{_SUFFIX}")):
-        if p.name.startswith("."):
+    root = as_location(cache_dir)
+    for name in sorted(p.name for p in root.glob(f"*{_SUFFIX}")):
+        if name.startswith("."):
             continue
-        attrs = _read_attrs(p)
+        attrs = _read_attrs(root / name)
         if attrs and attrs.get("complete") is True and attrs.get("format_version") == FORMAT_VERSION:
             out.append(str(attrs["case_id"]))
     return out
 
 
-def write_manifest(cache_dir: str | os.PathLike[str], content: dict[str, Any],
-                   source_ids: Collection[str] | None = None) -> Path:
+def write_manifest(cache_dir: str | os.PathLike[str] | Location, content: dict[str, Any],
+                   source_ids: Collection[str] | None = None) -> Location:
     """Atomically write ``manifest.json`` (format version and case list are added here).
 
     Args:
@@ -250,23 +273,27 @@ def write_manifest(cache_dir: str | os.PathLike[str], content: dict[str, Any],
             on disk but listed under ``"orphaned"``, not ``"cases"``, so no
             stage uses them. None lists every complete case.
     """
-    cache_dir = Path(cache_dir)
+    cache_dir = as_location(cache_dir)
     complete = complete_cases(cache_dir)
     cases = complete if source_ids is None else [c for c in complete if c in source_ids]
     orphaned = sorted(set(complete) - set(cases))
-    body = {**content, "format_version": FORMAT_VERSION, "cases": cases, "orphaned": orphaned}
-    with atomic_path(cache_dir / MANIFEST) as tmp:
-        tmp.write_text(json.dumps(body, indent=2, sort_keys=True))
+    body = json.dumps({**content, "format_version": FORMAT_VERSION, "cases": cases, "orphaned": orphaned},
+                      indent=2, sort_keys=True)
+    if isinstance(cache_dir, Path):
+        with atomic_path(cache_dir / MANIFEST) as tmp:
+            tmp.write_text(body)
+    else:
+        (cache_dir / MANIFEST).write_text(body)  # one object PUT: atomic on object storage
     return cache_dir / MANIFEST
 
 
-def read_manifest(cache_dir: str | os.PathLike[str]) -> dict[str, Any]:
+def read_manifest(cache_dir: str | os.PathLike[str] | Location) -> dict[str, Any]:
     """Read and check ``manifest.json``.
 
     Raises:
         CacheFormatError: no manifest, unreadable, or another format version.
     """
-    path = Path(cache_dir) / MANIFEST
+    path = as_location(cache_dir) / MANIFEST
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError as exc:
@@ -281,16 +308,17 @@ def read_manifest(cache_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return dict(manifest)
 
 
-def resolve_cache_dir(path: str | os.PathLike[str]) -> Path:
+def resolve_cache_dir(path: str | os.PathLike[str] | Location) -> Location:
     """Accept a keyed cache directory, or a root holding exactly one.
 
     Raises:
         CacheFormatError: nothing found, or several caches to choose from.
     """
-    path = Path(path)
+    path = as_location(path)
+    check_reachable(path)
     if (path / MANIFEST).exists():
         return path
-    found = sorted(p.parent for p in path.glob(f"*/{MANIFEST}"))
+    found = sorted((p.parent for p in path.glob(f"*/{MANIFEST}")), key=str)
     if len(found) == 1:
         return found[0]
     if not found:
@@ -306,7 +334,7 @@ def resolve_cache_dir(path: str | os.PathLike[str]) -> Path:
 class _ArrayMeta:
     """What the fast chunk reader needs of one array's ``zarr.json``."""
 
-    path: Path
+    path: Location
     shape: tuple[int, ...]
     chunks: tuple[int, ...]
     dtype: np.dtype
@@ -314,7 +342,7 @@ class _ArrayMeta:
     raw: bool  # no compressor: chunk files are the C-order bytes, memory-mapped
 
     @classmethod
-    def load(cls, path: Path) -> _ArrayMeta:
+    def load(cls, path: Location) -> _ArrayMeta:
         meta = json.loads((path / "zarr.json").read_text())
         shape = tuple(meta["shape"])
         chunks = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
@@ -335,12 +363,14 @@ class CachedCase:
 
     Patches are read by decoding only the chunk files a patch touches, straight
     from disk with Blosc (bypassing zarr's per-call machinery, which costs more
-    than decoding on a small machine); arrays written in any other encoding
-    fall back to zarr. ``tests/test_cache.py`` checks both paths agree.
+    than decoding on a small machine); on object storage the chunks a patch
+    touches are fetched in one batch of concurrent requests through fsspec.
+    Arrays written in any other encoding fall back to zarr.
+    ``tests/test_cache.py`` checks both paths agree.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike[str] | Location) -> None:
+        self.path = as_location(path)
         attrs = _read_attrs(self.path)
         if attrs is None or attrs.get("complete") is not True:
             raise CacheFormatError(f"{self.path}: not a complete cached case")
@@ -444,13 +474,23 @@ def _read_box(
         out[dst] = array[sel]
         return out
     cs = meta.chunks[-3:]
-    prefix = meta.path / "c" / Path(*(["0"] * len(lead))) if lead else meta.path / "c"
+    prefix = meta.path.joinpath("c", *(["0"] * len(lead)))
     block = _chunk_buffer(meta.dtype, meta.chunks)
-    for ijk in itertools.product(*(range(a // c, (b - 1) // c + 1) for a, b, c in zip(lo, hi, cs))):
-        chunk_file = prefix / f"{ijk[0]}/{ijk[1]}/{ijk[2]}"
+    grid = list(itertools.product(*(range(a // c, (b - 1) // c + 1) for a, b, c in zip(lo, hi, cs))))
+    files = [prefix.joinpath(str(i), str(j), str(k)) for i, j, k in grid]
+    fetched = None if isinstance(prefix, Path) else _fetch(files)
+    for ijk, chunk_file in zip(grid, files):
         try:
-            if meta.raw:  # the speed setting: copy straight out of the mapped file, decode nothing
-                block = np.memmap(chunk_file, dtype=meta.dtype, mode="r", shape=meta.chunks)
+            if fetched is not None:
+                data = fetched.get(fs_path(chunk_file)[1])
+                if data is None:
+                    continue  # chunk never written: all fill value (0)
+                if meta.raw:
+                    block = np.frombuffer(data, dtype=meta.dtype).reshape(meta.chunks)
+                else:
+                    numcodecs.blosc.decompress(data, block)
+            elif meta.raw and isinstance(chunk_file, Path):  # the speed setting: copy straight out of the
+                block = np.memmap(chunk_file, dtype=meta.dtype, mode="r", shape=meta.chunks)  # mapped file
             else:
                 numcodecs.blosc.decompress(chunk_file.read_bytes(), block)
         except FileNotFoundError:
@@ -463,7 +503,22 @@ def _read_box(
     return out
 
 
-def open_case(cache_dir: str | os.PathLike[str], case_id: str) -> CachedCase:
+def _fetch(files: list[Location]) -> dict[str, bytes]:
+    """The bytes of the remote chunk ``files`` that exist, by their path in the file system: one
+    ``cat_ranges`` call, whose requests fsspec runs concurrently (a missing chunk costs one failed GET)."""
+    fs, _ = fs_path(files[0])
+    paths = [fs_path(f)[1] for f in files]
+    out = {}
+    for path, got in zip(paths, fs.cat_ranges(paths, None, None, on_error="return")):
+        if isinstance(got, FileNotFoundError):
+            continue  # chunk never written: all fill value (0)
+        if isinstance(got, BaseException):
+            raise got
+        out[path] = bytes(got)
+    return out
+
+
+def open_case(cache_dir: str | os.PathLike[str] | Location, case_id: str) -> CachedCase:
     """Open a complete case of a cache (raises CacheFormatError otherwise)."""
     return CachedCase(case_path(cache_dir, case_id))
 
@@ -472,7 +527,7 @@ def open_case(cache_dir: str | os.PathLike[str], case_id: str) -> CachedCase:
 class CacheInfo:
     """A checked cache: its directory, manifest and complete case ids."""
 
-    path: Path
+    path: Location
     manifest: dict[str, Any]
 
     @property
@@ -484,7 +539,7 @@ class CacheInfo:
         return PreprocessConfig.from_dict(self.manifest["preprocess"])
 
 
-def open_cache(path: str | os.PathLike[str]) -> CacheInfo:
+def open_cache(path: str | os.PathLike[str] | Location) -> CacheInfo:
     """Resolve and check a cache directory (see :func:`resolve_cache_dir`)."""
     cache_dir = resolve_cache_dir(path)
     return CacheInfo(cache_dir, read_manifest(cache_dir))

@@ -1,0 +1,86 @@
+"""Where a cache lives: a local folder, or any fsspec URL (``s3://bucket/prefix``, ``gs://``, ``memory://``).
+
+Local caches stay plain :class:`pathlib.Path` objects, so their fast paths (atomic renames, memory-mapped
+chunks) are untouched; a URL becomes a :class:`upath.UPath`, the pathlib API over fsspec. Connection settings
+come from fsspec's usual places: for S3, the AWS variables (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL`` for an S3-compatible server) or ``FSSPEC_S3_*`` variables.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Union
+
+from upath import UPath
+
+from pipeline.errors import ConfigError
+
+#: A cache location: a local folder or an fsspec URL.
+Location = Union[Path, UPath]
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+
+
+def is_url(path: object) -> bool:
+    """Whether ``path`` names a remote location (``file://`` and plain paths are local)."""
+    if isinstance(path, Path):
+        return False
+    if isinstance(path, UPath):
+        return True
+    text = str(path)
+    return bool(_URL.match(text)) and not text.startswith("file://")
+
+
+def as_location(path: str | os.PathLike[str] | UPath) -> Location:
+    """A :class:`Path` for a local folder (``file://`` URLs included), a :class:`UPath` for a remote URL."""
+    if isinstance(path, (Path, UPath)):
+        return path
+    text = os.fspath(path)
+    if text.startswith("file://"):
+        return Path(text[len("file://"):])
+    return UPath(text) if is_url(text) else Path(text)
+
+
+def is_local(path: Location) -> bool:
+    return isinstance(path, Path)
+
+
+def fs_path(path: Location) -> tuple[Any, str]:
+    """(fsspec filesystem, path within it) of a remote location."""
+    if not isinstance(path, UPath):
+        raise TypeError(f"{path} is local")
+    return path.fs, path.path
+
+
+def check_reachable(path: Location) -> None:
+    """Fail early, with one clear line, when a remote location cannot be used.
+
+    Args:
+        path: a cache root or cache directory; local paths are not checked here.
+
+    Raises:
+        ConfigError: the bucket (or container) is missing, access is denied (credentials), or the
+            store cannot be reached.
+    """
+    if is_local(path):
+        return
+    fs, inner = fs_path(path)
+    bucket = inner.split("/", 1)[0]
+    url = f"{str(path).split('://', 1)[0]}://{bucket}"
+    try:
+        fs.ls(bucket, detail=False, refresh=True)  # unlike exists(), raises what went wrong
+    except PermissionError as exc:
+        raise ConfigError(f"access to {url} denied: {_first_line(exc)} (check the credentials, e.g. "
+                          "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)") from None
+    except FileNotFoundError:
+        raise ConfigError(f"{url} does not exist (create the bucket first; the cache never creates one)") from None
+    except Exception as exc:  # botocore/aiohttp errors are not OSErrors; each is one line to the user
+        raise ConfigError(f"cannot reach {url}: {type(exc).__name__}: {_first_line(exc)} (for an S3-compatible "
+                          "server set AWS_ENDPOINT_URL)") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
