@@ -13,9 +13,10 @@ Side by side in one run, on the same synthetic 240x240x155 cases, 128³ patches,
   the CPU.
 
 All are CPU-seconds per delivered patch (``time.process_time``: every thread of the process), one process.
-The read path: float16 128³ patches/s from one thread for the default (zstd) cache, the speed setting
-(``--codec none``, memory-mapped raw chunks) and a float16 ``.npy`` memmap of the same cases, same draws;
-and the size of each cache against the ``.nii.gz`` files.
+The read path: training patches (float16 128³ image and its uint8 label) per second from one thread for
+the default (zstd) cache, the speed setting (``--codec none``, memory-mapped raw chunks) and ``.npy``
+memmaps of the same arrays (the image alone too), same draws; and the size of each cache against the
+``.nii.gz`` files.
 """
 
 from __future__ import annotations
@@ -99,21 +100,27 @@ def nnunet(cache_dir: Path, patches: int) -> dict[str, Any]:
 
 
 def read_rates(caches: dict[str, Path], workdir: Path, patches: int) -> dict[str, Any]:
-    """Float16 128³ patches/s from one thread: each cache's reader and a .npy memmap, same draws."""
+    """Training patches (float16 image + uint8 label, 128³) per second from one thread: each cache's reader
+    and ``.npy`` memmaps of the same arrays (kept open), same draws."""
     info = open_cache(caches["default"])
     ids = info.case_ids
     npy_dir = workdir / "npy"
     npy_dir.mkdir(parents=True, exist_ok=True)
     maps = []
     for cid in ids:
-        path = npy_dir / f"{cid}.npy"
-        if not path.exists():
-            np.save(path, open_case(info.path, cid).read_image())
-        maps.append(np.load(path, mmap_mode="r"))
+        pair = []
+        for kind in ("image", "label"):
+            path = npy_dir / f"{cid}-{kind}.npy"
+            if not path.exists():
+                case = open_case(info.path, cid)
+                np.save(path, case.read_image() if kind == "image" else case.read_label())
+            pair.append(np.load(path, mmap_mode="r"))
+        maps.append(pair)
     cases = {name: [open_case(open_cache(c).path, cid) for cid in ids] for name, c in caches.items()}
     seq, _ = patch_sequence(cases["default"], patches, PATCH, 0.33, np.random.default_rng(2))
     readers = {name: (lambda k, s, cs=cs: cs[k].read_patch(s, PATCH)) for name, cs in cases.items()}
-    readers["npy memmap"] = lambda k, s: crop_padded(maps[k], s, PATCH)
+    readers["npy memmap"] = lambda k, s: (crop_padded(maps[k][0], s, PATCH), crop_padded(maps[k][1], s, PATCH))
+    readers["npy memmap, image only"] = lambda k, s: crop_padded(maps[k][0], s, PATCH)
     out: dict[str, Any] = {}
     for _ in range(2):  # two rounds: the first maps pages in
         for name, read in readers.items():

@@ -7,7 +7,7 @@ import sys
 
 from pipeline.cache import CODECS, PreprocessConfig
 from pipeline.errors import PipelineError
-from preprocess.run import BACKENDS, run_preprocess
+from preprocess.run import BACKENDS, WORKER_WAIT_S, run_preprocess
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("raw_dir", metavar="RAW_DIR", help="folder holding the case folders (searched recursively)")
-    p.add_argument("--cache-dir", default="data_cache", help="cache root; the keyed cache is made inside it")
+    p.add_argument("--cache-dir", default="data_cache", help="cache root; the keyed cache is made inside it (a folder, or an fsspec URL such as "
+                   "s3://bucket/prefix, whose bucket must exist; see docs/scaling.md)")
     p.add_argument("--name", default=argparse.SUPPRESS, help="cache name (default: RAW_DIR's folder name)")
     p.add_argument("--jobs", type=int, default=-1, help="parallel workers (-1: all cores)")
     p.add_argument("--force", action="store_true", help="rewrite cases that are already complete")
@@ -32,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", default=None, metavar="ADDRESS",
                    help="dask scheduler to run the cases on, e.g. tcp://HOST:8786 (implies --backend dask); "
                    "the cache must be on storage every worker reaches")
+    p.add_argument("--worker-wait", type=float, default=WORKER_WAIT_S, metavar="SECONDS",
+                   help="with --scheduler: how long to wait for the first dask worker to join")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("settings (a change makes a new cache)")
     g.add_argument("--dtype", default=d.dtype, choices=["float16", "float32"], help="image dtype on disk")
@@ -64,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = run_preprocess(
             args.raw_dir, args.cache_dir, cfg, name=getattr(args, "name", None), jobs=args.jobs, force=args.force,
             progress=not args.no_progress, backend=args.backend, scheduler=args.scheduler,
+            worker_wait_s=args.worker_wait,
         )
     except (PipelineError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -28,19 +28,24 @@ from preprocess.case import preprocess_case
 BACKENDS = ("joblib", "dask")
 #: Seconds to reach a dask scheduler before giving up with a clear error.
 CONNECT_TIMEOUT_S = 15
+#: Seconds to wait for a scheduler's first worker by default (batch-queued workers take a while to start).
+WORKER_WAIT_S = 600.0
 
 
 @contextmanager
-def parallel_backend(backend: str, scheduler: str | None, jobs: int) -> Iterator[tuple[int, str]]:
+def parallel_backend(backend: str, scheduler: str | None, jobs: int,
+                     worker_wait_s: float = WORKER_WAIT_S) -> Iterator[tuple[int, str]]:
     """Run the ``Parallel`` calls inside on ``backend``; yields (n_jobs to pass, description of the workers).
 
     With ``dask``, the cases run on the cluster at ``scheduler`` (``tcp://HOST:8786``), or on a local
     cluster of ``jobs`` worker processes. Workers write their cases straight into the cache, so the cache
     must be on storage every worker reaches (a shared file system). A worker that dies mid-case leaves
     only a temporary folder (never read; removed by the next run) and dask runs the case again elsewhere.
+    A scheduler's first worker is waited for up to ``worker_wait_s`` seconds; later ones join as they start.
 
     Raises:
-        ConfigError: dask.distributed is not installed, or the scheduler cannot be reached.
+        ConfigError: dask.distributed is not installed, the scheduler cannot be reached, or no worker
+            joined it in time.
     """
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r} (one of {BACKENDS})")
@@ -58,14 +63,19 @@ def parallel_backend(backend: str, scheduler: str | None, jobs: int) -> Iterator
                 client = stack.enter_context(Client(scheduler, timeout=f"{CONNECT_TIMEOUT_S}s"))
             except (OSError, TimeoutError, ValueError) as exc:
                 raise ConfigError(f"cannot reach the dask scheduler at {scheduler}: {exc}") from None
+            try:
+                client.wait_for_workers(1, timeout=worker_wait_s)
+            except TimeoutError:
+                raise ConfigError(f"no dask worker joined the scheduler at {scheduler} within {worker_wait_s:g} s "
+                                  "(start workers with: dask worker " + scheduler + ")") from None
         else:
             workers = jobs if jobs > 0 else os.cpu_count() or 1
             cluster = stack.enter_context(LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                                        dashboard_address=None))
             client = stack.enter_context(Client(cluster))
         n = len(client.scheduler_info().get("workers", {}))
-        stack.enter_context(parallel_config(backend="dask"))
-        yield -1, f"dask, {n} workers at {client.scheduler.address}"
+        stack.enter_context(parallel_config(backend="dask", wait_for_workers_timeout=worker_wait_s))
+        yield -1, f"dask, {n} workers at {client.scheduler.address} when the run started"
 
 
 @dataclass
@@ -119,6 +129,7 @@ def run_preprocess(
     progress: bool = True,
     backend: str = "joblib",
     scheduler: str | None = None,
+    worker_wait_s: float = WORKER_WAIT_S,
 ) -> Summary:
     """Preprocess every case under ``raw_dir`` into ``<cache_root>/<name>-<key>/``.
 
@@ -137,6 +148,7 @@ def run_preprocess(
         progress: show a tqdm bar.
         backend: "joblib" (this machine) or "dask" (see :func:`parallel_backend`).
         scheduler: address of a dask scheduler (implies the dask backend).
+        worker_wait_s: with a scheduler, how long to wait for its first worker.
     """
     t0 = time.perf_counter()
     if jobs == 0 or jobs < -1:
@@ -148,6 +160,16 @@ def run_preprocess(
     cache_dir = cache.cache_dir_for(cache_root, name or raw_dir.resolve().name, cfg)
     summary = Summary(cache_dir)
     check_reachable(cache_dir)  # a missing bucket or bad credentials: one clear error before any work
+    # workers first: an unreachable scheduler leaves nothing behind, not even an empty cache
+    with parallel_backend(backend, scheduler, jobs, worker_wait_s) as (n_jobs, summary.workers):
+        _run(summary, found, raw_dir, name or raw_dir.resolve().name, cfg, n_jobs, force, progress, t0)
+    return summary
+
+
+def _run(summary: Summary, found: list[CaseFiles], raw_dir: Path, name: str, cfg: cache.PreprocessConfig,
+         n_jobs: int, force: bool, progress: bool, t0: float) -> None:
+    """Skip complete cases, process the others on the current backend, write the manifest."""
+    cache_dir = summary.cache_dir
     if is_local(cache_dir):
         cache_dir.mkdir(parents=True, exist_ok=True)
     cache.cleanup_partial(cache_dir)
@@ -163,7 +185,7 @@ def run_preprocess(
         else:
             todo.append(files)
     try:
-        with parallel_backend(backend, scheduler, jobs) as (n_jobs, summary.workers):
+        if todo:
             results = Parallel(n_jobs=n_jobs, return_as="generator_unordered")(
                 delayed(_process)(f, str(cache_dir), cfg) for f in todo
             )
@@ -176,8 +198,7 @@ def run_preprocess(
                     tqdm.write(f"FAILED {error}", file=sys.stderr)
     finally:
         # also on Ctrl-C: the manifest lists exactly the cases that are complete on disk
-        _finish(summary, raw_dir, name or raw_dir.resolve().name, cfg, t0, {f.case_id for f in found})
-    return summary
+        _finish(summary, raw_dir, name, cfg, t0, {f.case_id for f in found})
 
 
 def _finish(summary: Summary, raw_dir: Path, name: str, cfg: cache.PreprocessConfig, t0: float,

@@ -60,6 +60,31 @@ def test_patch_reads_match_zarr_and_pad_with_zero(tmp_path: Path, cfg: Preproces
     assert np.array_equal(case.read_image(), image) and np.array_equal(case.read_label(), label)
 
 
+@pytest.mark.parametrize("codec", ["zstd", "none"])
+def test_reads_into_a_used_buffer_overwrite_it_whole(tmp_path: Path, codec: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loader decodes into batch slots that hold the previous patch: inside the volume, outside it and
+    over chunks never written (all zero), nothing of the old content may survive. The speed setting keeps
+    at most its limit of chunk maps open, and maps a case written again anew."""
+    from pipeline.cache import store
+
+    monkeypatch.setattr(store._mappings, "limit", 3)
+    cache_dir, _, _ = _write(tmp_path, PreprocessConfig(chunk=(8, 8, 8), codec=codec))
+    case = open_case(cache_dir, "c1")
+    rng = np.random.default_rng(3)
+    for start in [(12, 14, 9), (0, 0, 0), (-4, 30, 20), (2, 3, 4), (20, 25, 13)]:  # (0, 0, 0): unwritten chunks
+        fresh = case.read_patch(start, (16, 16, 16))
+        used = (rng.normal(size=(4, 16, 16, 16)).astype(np.float16), rng.integers(1, 4, (16, 16, 16), np.uint8))
+        case.read_patch(start, (16, 16, 16), out=used)
+        assert np.array_equal(used[0], fresh[0]) and np.array_equal(used[1], fresh[1]), start
+    image = np.full((4, 37, 45, 29), 2.0, np.float32)
+    write_case(cache_dir, image, None, {}, {"case_id": "c1", "has_label": False}, PreprocessConfig(
+        chunk=(8, 8, 8), codec=codec))
+    assert np.all(open_case(cache_dir, "c1").read_patch((12, 14, 9), (16, 16, 16))[0] == 2.0)
+    if codec == "none":
+        assert len(store._mappings._maps) <= 3
+
+
 def test_unknown_encoding_falls_back_to_zarr(tmp_path: Path) -> None:
     cache_dir, image, label = _write(tmp_path, PreprocessConfig(chunk=(16, 16, 16)))
     case = open_case(cache_dir, "c1")

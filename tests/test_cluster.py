@@ -66,7 +66,17 @@ def test_an_unreachable_scheduler_is_one_clear_line(raw_dir: Path, tmp_path: Pat
     assert preprocess_main([str(raw_dir), "--cache-dir", str(tmp_path / "c"), "--scheduler", address]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: cannot reach the dask scheduler")
-    assert not complete_cases(next((tmp_path / "c").iterdir()))  # nothing written, nothing claimed
+    assert not (tmp_path / "c").exists()  # nothing written, nothing claimed
+
+
+def test_a_scheduler_without_workers_is_one_clear_line_and_leaves_no_cache(raw_dir: Path, tmp_path: Path) -> None:
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=0, processes=True, host="127.0.0.1", dashboard_address=None) as cluster:
+        with pytest.raises(ConfigError, match="no dask worker joined the scheduler at tcp://127.0.0.1:.* within 1 s"):
+            run_preprocess(raw_dir, tmp_path / "c", TINY_CFG, scheduler=cluster.scheduler_address, worker_wait_s=1,
+                           progress=False)
+    assert not (tmp_path / "c").exists()
 
 
 def test_a_killed_worker_leaves_no_case_that_looks_complete_and_its_case_is_redone(raw_dir: Path,

@@ -73,11 +73,23 @@ def test_two_ranks_train_the_weights_of_one_process_with_the_same_global_batch(t
     # one writer: one TensorBoard event file, one result printed
     assert len(list((tmp_path / "two" / "tb").glob("events.*"))) == 1
     assert proc.stdout.count('"step": 6') == 1
-    # the run resumes in one process (batch 2: a smaller global batch), from the next unseen sample
-    _run([sys.executable, "-m", "train", *_train(cache_dir, tmp_path / "two", "--batch-size", "2",
+    # the run resumes in one process with the same global batch (batch 4), from the next unseen sample ...
+    _run([sys.executable, "-m", "train", *_train(cache_dir, tmp_path / "two", "--batch-size", "4",
                                                  "--epochs", "3", "--iters-per-epoch", "3", "--resume")])
     resumed = load_checkpoint(tmp_path / "two" / "last.pt")
-    assert resumed["step"] == 9 and resumed["samples"] == 24 + 3 * 2 and resumed["world_size"] == 1
+    assert resumed["step"] == 9 and resumed["samples"] == 24 + 3 * 4 and resumed["world_size"] == 1
+    # ... and exactly as the single process goes on
+    _run([sys.executable, "-m", "train", *_train(cache_dir, tmp_path / "one", "--batch-size", "4",
+                                                 "--epochs", "3", "--iters-per-epoch", "3", "--resume")])
+    ref = _weights(tmp_path / "one")
+    for key, value in resumed["model"].items():
+        torch.testing.assert_close(value, ref[key], rtol=1e-4, atol=1e-5, msg=key)
+    # back on 2 ranks keeping the per-rank batch doubles the global batch: allowed, with a warning
+    proc = _run(_torchrun("--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()))
+                + _train(cache_dir, tmp_path / "two", "--batch-size", "4", "--epochs", "4", "--iters-per-epoch", "3",
+                         "--resume"))
+    assert "global batch of 8 (batch 4 x 2 ranks) instead of 4; pass --batch-size 2" in proc.stderr
+    assert load_checkpoint(tmp_path / "two" / "last.pt")["samples"] == 36 + 3 * 8
 
 
 def test_two_nodes_on_localhost_complete_a_run(tiny_cache, tmp_path: Path) -> None:
@@ -161,6 +173,56 @@ def test_prediction_splits_the_cases_across_ranks(tiny_cache, tmp_path: Path) ->
     shares = [set(r["written"]) for r in records]
     assert not shares[0] & shares[1] and shares[0] | shares[1] == set(ids)
     assert [r["rank"] for r in records] == [0, 1]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the ranks' processes through /proc")
+def test_a_hung_rank_fails_the_job_after_the_timeout_with_one_line(tiny_cache, tmp_path: Path) -> None:
+    cache_dir, _ = tiny_cache
+    run = tmp_path / "run"
+    cmd = (_torchrun("--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()))
+           + _train(cache_dir, run, "--batch-size", "1", "--epochs", "100000", "--iters-per-epoch", "1",
+                    "--val-every", "100000", "--dist-timeout", "0.05"))
+    job = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ranks: list[int] = []
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "last.pt").exists() and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        ranks = sorted(_children(job.pid))
+        assert len(ranks) == 2, ranks
+        os.kill(ranks[-1], signal.SIGSTOP)  # rank 1 stops answering, without dying
+        _, err = job.communicate(timeout=180)
+    finally:
+        for pid in ranks:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    assert job.returncode != 0
+    mine = [line for line in err.splitlines() if line.startswith("error: rank")]
+    assert mine and " of 2: the distributed job failed (a rank died or hung past --dist-timeout)" in mine[0], err
+
+
+def test_a_failed_case_on_one_rank_never_cuts_another_ranks_work_short(raw_dir: Path, tmp_path: Path) -> None:
+    from tests.test_predict import tiny_checkpoint
+
+    cases = sorted(p for p in raw_dir.iterdir() if p.is_dir())
+    broken = next(cases[0].glob("*flair*"))
+    broken.write_bytes(broken.read_bytes()[:200])  # truncated: rank 0's first case fails at once
+    ckpt = tiny_checkpoint(tmp_path / "model.pt")
+    out = tmp_path / "out"
+    cmd = _torchrun("--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+                    module="train.predict") + ["--checkpoint", str(ckpt), "--input", str(raw_dir), "--output",
+                                               str(out), "--device", "cpu", "--no-mirror", "--no-progress"]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    written = sorted(p.name for p in out.glob("*.nii.gz"))
+    assert written == sorted(f"{c.name}.nii.gz" for c in cases[1:]), proc.stderr[-2000:]
+    assert proc.stdout.count("wrote 2 predictions") == 1 and "over 2 ranks; failed 1" in proc.stdout
+    assert f"FAILED {cases[0].name}" in proc.stderr
 
 
 def test_world_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -104,6 +104,25 @@ def test_a_missing_bucket_and_an_unreachable_server_are_one_clear_line(
         use_s3_endpoint(endpoint)
 
 
+def test_missing_credentials_are_one_clear_line(s3: str, raw_dir: Path, capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import s3fs
+
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        assert preprocess_main([str(raw_dir), "--cache-dir", f"{s3}/c", "--no-progress"]) == 2
+    finally:
+        monkeypatch.undo()
+        s3fs.S3FileSystem.clear_instance_cache()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no usable credentials for s3://brats-cache"), err
+
+
 def test_the_training_cli_reads_an_s3_cache(s3: str, raw_dir: Path, tmp_path: Path) -> None:
     cache = run_preprocess(raw_dir, f"{s3}/cli", TINY_CFG, jobs=1, progress=False).cache_dir
     cmd = [sys.executable, "-m", "train", "--cache-dir", str(cache), "--run-dir", str(tmp_path / "run"),

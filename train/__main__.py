@@ -33,7 +33,8 @@ CHOICES = {
 RECIPE = "default: the device's recipe"
 
 HELP = {
-    "cache_dir": "keyed cache directory, or a cache root holding exactly one cache",
+    "cache_dir": "keyed cache directory, or a cache root holding exactly one cache (a folder, or an fsspec URL "
+                 "such as s3://bucket/prefix)",
     "run_dir": "where checkpoints, TensorBoard logs and the run record go",
     "preset": "model preset: seed (the write-up's U-Net), small (the CPU-budget recipe's), medium (16-256 channels), "
               f"brats (GPU, nnU-Net-sized); {RECIPE}",
@@ -127,17 +128,17 @@ def main(argv: list[str] | None = None) -> int:
     resume, progress = args.pop("resume"), not args.pop("no_progress")
     try:
         cfg = TrainConfig(**args)
-        import torch.distributed as dist  # heavy imports only after the arguments are valid
-
-        from train import distributed
+        from train import distributed  # heavy imports only after the arguments are valid
         from train.trainer import fit
 
         world = distributed.from_env()
         try:
             result = fit(cfg, resume=resume, progress=progress)
-        except dist.DistError as exc:  # a rank died, hung past --dist-timeout, or the rendezvous failed
-            print(f"error: rank {world.rank} of {world.size}: the distributed job failed: "
-                  f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)
+        except RuntimeError as exc:  # torch.distributed.DistError is one too
+            if not (world.parallel and distributed.is_collective_failure(exc)):
+                raise  # not a failed collective: keep the traceback
+            print(f"error: rank {world.rank} of {world.size}: the distributed job failed (a rank died or hung "
+                  f"past --dist-timeout): {distributed.first_line(exc)}", file=sys.stderr)
             return 3
         finally:
             distributed.shutdown()

@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.cache.location import is_url
 from pipeline.config import Config
 from pipeline.errors import ConfigError
 from pipeline.postprocess import PostProcessing
@@ -141,6 +142,7 @@ class TrainConfig(Config):
             (self.loader in LOADERS, "loader", self.loader),
             (self.workers >= 0, "workers", self.workers),
             (self.dist_timeout > 0, "dist_timeout (minutes, > 0)", self.dist_timeout),
+            (not is_url(self.run_dir), "run_dir (a local folder: only the cache may be a URL)", self.run_dir),
             (self.val_every >= 1, "val_every", self.val_every),
             (0.0 <= self.val_overlap < 1.0, "val_overlap", self.val_overlap),
             (self.loss_mode in ("regions", "classes"), "loss_mode", self.loss_mode),

@@ -21,6 +21,7 @@ from pipeline.errors import PipelineError
 from train import predict as P
 from train.__main__ import build_parser as train_parser
 from train.config import ALL, TrainConfig
+from train import distributed
 from train.postprocess import out_of_fold, write_postprocessing
 
 
@@ -43,11 +44,12 @@ def run_cv(base: TrainConfig, n_folds: int, with_all: bool = True, progress: boo
         fields = base.to_dict() | {"run_dir": str(run), "fold": fold, "n_folds": None if fold == ALL else n_folds}
         print(f"== {run.name} ==", flush=True)
         fit(TrainConfig.from_dict(fields), resume=(run / "last.pt").exists(), progress=progress)
-    preds, truths = out_of_fold(folds, P.PredictConfig(), progress=progress)
-    post = choose(preds, truths)
-    for run, _ in jobs:
-        write_postprocessing(run, post)
-    print(f"post-processing chosen on {len(preds)} out-of-fold cases: {post.describe()}", flush=True)
+    if distributed.from_env().main:  # under torchrun the folds train on every rank; rank 0 chooses alone
+        preds, truths = out_of_fold(folds, P.PredictConfig(), progress=progress)
+        post = choose(preds, truths)
+        for run, _ in jobs:
+            write_postprocessing(run, post)
+        print(f"post-processing chosen on {len(preds)} out-of-fold cases: {post.describe()}", flush=True)
     return [run for run, _ in jobs]
 
 

@@ -86,16 +86,17 @@ def from_env() -> World:
     return World(rank, size, local)
 
 
-def init(device: torch.device, timeout_min: float) -> World:
+def init(device: torch.device, timeout_min: float, backend: str | None = None) -> World:
     """Join the process group of a torchrun job, once; a no-op for a single process.
 
     Args:
         device: the training device; CUDA ranks use NCCL on ``cuda:LOCAL_RANK``, CPU ranks gloo.
         timeout_min: how long any collective may wait for the other ranks before it fails.
+        backend: another backend than the device's (gloo for counting on the CPU).
     """
     world = from_env()
     if world.parallel and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        backend = backend or ("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend, timeout=timedelta(minutes=timeout_min))
@@ -107,6 +108,22 @@ def rank_device(device: torch.device, world: World) -> torch.device:
     if device.type == "cuda" and world.parallel and device.index is None:
         return torch.device("cuda", world.local_rank)
     return device
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` says a collective failed: another rank died (connection closed or reset) or did not
+    answer within the timeout. torch raises DistError subclasses for some, gloo plain RuntimeErrors."""
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc).lower()
+    return any(s in text for s in ("gloo", "nccl", "processgroup", "connection reset", "connection closed",
+                                   "timed out waiting"))
+
+
+def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` of an error, for one-line reports."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def shutdown() -> None:

@@ -46,7 +46,7 @@ def out_of_fold(runs: Sequence[Path], cfg: P.PredictConfig, progress: bool = Tru
         ids = [str(c) for c in split.get("val", [])]
         if not ids:
             raise CheckpointError(f"{run}: has no validation cases (a --fold all run cannot choose post-processing)")
-        cache = Path(state["train_config"]["cache_dir"])
+        cache = str(state["train_config"]["cache_dir"])  # a folder or a URL
         predictor = P.load_predictor(state, device)
         for cid in tqdm(ids, desc=f"predict {run.name}", unit="case", disable=not progress):
             if cid in preds:

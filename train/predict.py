@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from pipeline import transforms as T
 from pipeline.cache import open_cache, open_case
+from pipeline.cache.location import is_url
 from pipeline.brats import CHANNEL_NAMES, LOSS_OUTPUT
 from pipeline.config import Config
 from pipeline.device import autocast_dtype, cpu_bf16, resolve_device
@@ -55,6 +56,8 @@ Output = Literal["sigmoid", "softmax"]
 OUTPUT_OF_MODE = cast(dict[str, Output], LOSS_OUTPUT)
 CHANNELS = CHANNEL_NAMES
 RECORD = "predict_record.json"
+#: Under torchrun, minutes a rank that is done waits for the others before the job fails.
+PREDICT_WAIT_MIN = 360.0
 #: (case id, where it comes from, loader); a loader raises on a bad case.
 Source = tuple[str, str, Callable[[], "CaseInput"]]
 
@@ -202,10 +205,12 @@ class PredictSummary:
     written: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    #: under torchrun: (written, failed) over every rank, once all ranks are done; else this run's
+    totals: tuple[int, int] | None = None
 
     @property
     def ok(self) -> bool:
-        return not self.failed
+        return not self.failed and (self.totals is None or self.totals[1] == 0)
 
 
 def load_predictor(state: dict[str, Any], device: torch.device) -> Predictor:
@@ -377,6 +382,8 @@ def predict_cases(
     predictor: Predictor, sources: list[Source], out_dir: str | Path, cfg: PredictConfig, progress: bool = True
 ) -> PredictSummary:
     """Predict every source; a failing case is reported on stderr and the others still run."""
+    if is_url(out_dir):
+        raise ConfigError(f"predictions go to a local folder, not {out_dir} (only the cache may be a URL)")
     t0 = time.perf_counter()
     summary = PredictSummary(Path(out_dir))
     summary.out_dir.mkdir(parents=True, exist_ok=True)
@@ -426,7 +433,9 @@ def run_predict(
     cases into ``out_dir``.
 
     Under torchrun (``torchrun --nproc-per-node N -m train.predict ...``) rank r of W predicts every W-th
-    case from the r-th, on ``cuda:LOCAL_RANK`` when the device is CUDA, and writes its own record.
+    case from the r-th, on ``cuda:LOCAL_RANK`` when the device is CUDA, and writes its own record; the ranks
+    then wait for each other and count the written and failed cases of all (``totals``), so a failed case
+    on one rank never cuts another rank's work short.
 
     Raises:
         ConfigError: neither or both of ``input_dir`` and ``cache_dir``.
@@ -444,6 +453,10 @@ def run_predict(
         sources, where = cache_sources(str(cache_dir), case_ids), str(cache_dir)
     summary = predict_cases(predictor, world.share(sources), out_dir, cfg, progress and world.main)
     write_record(summary, predictor, cfg, where, world)
+    if world.parallel:
+        distributed.init(device, PREDICT_WAIT_MIN, backend="gloo")
+        written, failed = world.sum([len(summary.written), len(summary.failed)])
+        summary.totals = (int(written), int(failed))
     return summary
 
 
@@ -478,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Segment BraTS cases (raw case folders of any supported edition and layout, with or "
         "without a label map, or cases of a cache) with a trained checkpoint. Writes OUT/<case_id>.nii.gz: "
         "uint8 raw BraTS labels (ET = 4 for 2018-2021 cases, 3 for 2023) on the input's grid, affine and "
-        "header, plus OUT/predict_record.json. Exit code 1 if any case failed, 2 if nothing could start.",
+        "header, plus OUT/predict_record.json (one per rank under torchrun). Exit code 1 if any case failed, 2 if nothing could start.",
     )
     p.add_argument("--run", "--checkpoint", dest="run", required=True, nargs="+", metavar="RUN_OR_CHECKPOINT",
                    help="run directory (its best.pt, else last.pt) or a checkpoint file; several, or a folder of "
@@ -487,7 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "its own --run-path)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", metavar="IN", help="folder of raw case folders (searched recursively)")
-    src.add_argument("--cache-dir", metavar="CACHE", help="a preprocessed cache instead of raw input")
+    src.add_argument("--cache-dir", metavar="CACHE", help="a preprocessed cache instead of raw input (a folder, or "
+                     "an fsspec URL such as s3://bucket/prefix)")
     p.add_argument("--cases", nargs="+", metavar="ID", help="only these case ids (default: all)")
     p.add_argument("--output", required=True, metavar="OUT", help="output folder (created)")
     p.add_argument("--save-probabilities", action="store_true",
@@ -508,10 +522,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (PipelineError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {len(summary.written)} predictions to {summary.out_dir} in {summary.seconds:.1f} s; "
-          f"failed {len(summary.failed)}")
+    finally:
+        distributed.shutdown()
     for message in summary.failed.values():
         print(f"FAILED {message}", file=sys.stderr)
+    if summary.totals is None:
+        print(f"wrote {len(summary.written)} predictions to {summary.out_dir} in {summary.seconds:.1f} s; "
+              f"failed {len(summary.failed)}")
+    elif distributed.from_env().main:
+        print(f"wrote {summary.totals[0]} predictions to {summary.out_dir} over "
+              f"{distributed.from_env().size} ranks; failed {summary.totals[1]}")
     return 0 if summary.ok else 1
 
 

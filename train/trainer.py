@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -248,7 +249,10 @@ def check_resume(parts: Parts, state: dict[str, Any]) -> None:
     """Refuse to resume a checkpoint under settings that would change the run.
 
     The split comes from the checkpoint (never recomputed from the cache as it
-    is now); ``epochs`` and ``time_budget`` may grow.
+    is now); ``epochs`` and ``time_budget`` may grow. On another number of
+    ranks the per-rank ``batch_size`` may change so that the global batch
+    (batch x ranks) stays the checkpoint's; a resume that changes the global
+    batch is allowed but warned about.
 
     Raises:
         CheckpointError: another model, or a changed setting (named).
@@ -259,6 +263,16 @@ def check_resume(parts: Parts, state: dict[str, Any]) -> None:
                               f"this run asks for {parts.model_cfg.preset!r}); resume with the run's own settings")
     old, new = dict(state.get("train_config", {})), parts.cfg.to_dict()
     changed = sorted(k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k])
+    old_global = int(old.get("batch_size") or 1) * int(state.get("world_size", 1))
+    new_global = int(new["batch_size"] or 1) * parts.world.size
+    if "batch_size" in changed and old_global == new_global:
+        changed.remove("batch_size")  # the same global batch on another number of ranks
+    elif old_global != new_global and "batch_size" not in changed and parts.world.main:
+        warnings.warn(f"{path}: resuming with a global batch of {new_global} (batch {new['batch_size']} x "
+                      f"{parts.world.size} ranks) instead of {old_global}; pass --batch-size "
+                      f"{old_global // parts.world.size} to keep it" if old_global % parts.world.size == 0
+                      else f"{path}: resuming with a global batch of {new_global} instead of {old_global}",
+                      stacklevel=2)
     if changed:
         detail = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)
         raise CheckpointError(f"{path}: cannot resume with changed settings ({detail})")

@@ -7,7 +7,7 @@ import sys
 
 from pipeline.cache.check import info_lines, verify
 from pipeline.cache.store import open_cache
-from pipeline.errors import CacheFormatError
+from pipeline.errors import PipelineError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         cache = open_cache(args.cache)
-    except CacheFormatError as exc:
+    except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.command == "info":

@@ -77,6 +77,9 @@ def check_reachable(path: Location) -> None:
     except FileNotFoundError:
         raise ConfigError(f"{url} does not exist (create the bucket first; the cache never creates one)") from None
     except Exception as exc:  # botocore/aiohttp errors are not OSErrors; each is one line to the user
+        if "Credentials" in type(exc).__name__:  # botocore's NoCredentialsError, PartialCredentialsError
+            raise ConfigError(f"no usable credentials for {url}: {_first_line(exc)} (set AWS_ACCESS_KEY_ID and "
+                              "AWS_SECRET_ACCESS_KEY, or a profile)") from None
         raise ConfigError(f"cannot reach {url}: {type(exc).__name__}: {_first_line(exc)} (for an S3-compatible "
                           "server set AWS_ENDPOINT_URL)") from None
 

@@ -10,7 +10,8 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Collection
+from collections import OrderedDict
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -418,10 +419,14 @@ class CachedCase:
         Returns:
             ((4, px, py, pz) image in the stored dtype, (px, py, pz) uint8 label or None).
         """
-        image = _read_box(self._image, start, size, None if out is None else out[0])
+        arrays = [self._image] if self._label is None else [self._image, self._label]
+        fetched = None
+        if not isinstance(self.path, Path):  # on object storage: every chunk of both arrays in one batch
+            fetched = _fetch([f for meta in arrays if meta.fast for _, f in _chunk_files(meta, start, size)])
+        image = _read_box(self._image, start, size, None if out is None else out[0], fetched)
         label = None
         if self._label is not None:
-            label = _read_box(self._label, start, size, None if out is None else out[1])
+            label = _read_box(self._label, start, size, None if out is None else out[1], fetched)
         return image, label
 
     def read_image(self) -> np.ndarray:
@@ -438,6 +443,51 @@ class CachedCase:
 _scratch = threading.local()
 
 
+class _Mappings:
+    """Memory maps of the speed setting's raw chunk files, kept open and shared by all threads.
+
+    Mapping a chunk file anew for every read made each read fault in its pages again, which cost more than
+    the copy itself (docs/benchmarks.md); kept open, a page is mapped once. At most ``limit`` maps stay
+    open (each holds a file descriptor), the least recently used closed first. A map is keyed by the
+    file's inode and modification time too, so a case written again is mapped again.
+    """
+
+    def __init__(self) -> None:
+        self._maps: OrderedDict[tuple[str, int, int], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+        self.limit = _mapping_limit()
+
+    def get(self, path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        """The chunk at ``path`` as a read-only array (FileNotFoundError when it was never written)."""
+        st = os.stat(path)
+        key = (str(path), st.st_ino, st.st_mtime_ns)
+        with self._lock:
+            found = self._maps.get(key)
+            if found is not None:
+                self._maps.move_to_end(key)
+                return found
+        mapped: np.ndarray = np.memmap(path, dtype=dtype, mode="r", shape=shape)
+        with self._lock:
+            self._maps[key] = mapped
+            while len(self._maps) > self.limit:
+                self._maps.popitem(last=False)  # closed when its last reader lets go
+        return mapped
+
+
+def _mapping_limit() -> int:
+    """Open chunk maps to keep: a quarter of the file-descriptor limit, at most 4096."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return 256
+    return max(16, min(4096, (soft if soft > 0 else 1024) // 4))
+
+
+_mappings = _Mappings()
+
+
 def _chunk_buffer(dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
     """A per-thread buffer to decode chunks into.
 
@@ -451,20 +501,38 @@ def _chunk_buffer(dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
     return buf[:n].view(dtype).reshape(shape)
 
 
+def _chunk_files(meta: _ArrayMeta, start: Sequence[int], size: Sequence[int]
+                 ) -> list[tuple[tuple[int, ...], Location]]:
+    """(chunk grid index, chunk file) of every chunk the box ``start:start+size`` touches inside the array."""
+    lead, spatial, cs = meta.shape[:-3], meta.shape[-3:], meta.chunks[-3:]
+    lo = [max(int(s), 0) for s in start]
+    hi = [min(int(s) + int(n), dim) for s, n, dim in zip(start, size, spatial)]
+    if any(a >= b for a, b in zip(lo, hi)):
+        return []
+    prefix = meta.path.joinpath("c", *(["0"] * len(lead)))
+    grid = itertools.product(*(range(a // c, (b - 1) // c + 1) for a, b, c in zip(lo, hi, cs)))
+    return [(ijk, prefix.joinpath(*(str(i) for i in ijk))) for ijk in grid]
+
+
 def _read_box(
-    meta: _ArrayMeta, start: tuple[int, ...], size: tuple[int, ...], out: np.ndarray | None = None
+    meta: _ArrayMeta, start: tuple[int, ...], size: tuple[int, ...], out: np.ndarray | None = None,
+    fetched: dict[str, bytes] | None = None,
 ) -> np.ndarray:
-    """Read ``array[..., start:start+size]`` with zero padding outside the array (into ``out`` if given)."""
+    """Read ``array[..., start:start+size]`` with zero padding outside the array (into ``out`` if given).
+
+    ``fetched``: the chunks of a remote array, already fetched (see :func:`_fetch`)."""
     lead, spatial = meta.shape[:-3], meta.shape[-3:]
     shape = (*lead, *(int(n) for n in size))
+    lo = [max(int(s), 0) for s in start]
+    hi = [min(int(s) + int(n), dim) for s, n, dim in zip(start, size, spatial)]
+    inside = lo == [int(s) for s in start] and hi == [int(s) + int(n) for s, n in zip(start, size)]
     if out is None:
-        out = np.zeros(shape, dtype=meta.dtype)
+        out = np.empty(shape, dtype=meta.dtype) if inside else np.zeros(shape, dtype=meta.dtype)
     else:
         if out.shape != shape or out.dtype != meta.dtype:
             raise ValueError(f"out has shape {out.shape} {out.dtype}, expected {shape} {meta.dtype}")
-        out.fill(0)
-    lo = [max(int(s), 0) for s in start]
-    hi = [min(int(s) + int(n), dim) for s, n, dim in zip(start, size, spatial)]
+        if not inside:  # a box inside the volume is overwritten whole below
+            out.fill(0)
     if any(a >= b for a, b in zip(lo, hi)):
         return out
     if not meta.fast:
@@ -474,30 +542,30 @@ def _read_box(
         out[dst] = array[sel]
         return out
     cs = meta.chunks[-3:]
-    prefix = meta.path.joinpath("c", *(["0"] * len(lead)))
     block = _chunk_buffer(meta.dtype, meta.chunks)
-    grid = list(itertools.product(*(range(a // c, (b - 1) // c + 1) for a, b, c in zip(lo, hi, cs))))
-    files = [prefix.joinpath(str(i), str(j), str(k)) for i, j, k in grid]
-    fetched = None if isinstance(prefix, Path) else _fetch(files)
-    for ijk, chunk_file in zip(grid, files):
+    chunks = _chunk_files(meta, start, size)
+    if fetched is None and not isinstance(meta.path, Path):
+        fetched = _fetch([f for _, f in chunks])
+    for ijk, chunk_file in chunks:
+        g0 = [max(i * c, a) for i, c, a in zip(ijk, cs, lo)]
+        g1 = [min((i + 1) * c, b) for i, c, b in zip(ijk, cs, hi)]
+        dst = (Ellipsis, *(slice(a - s, b - s) for a, b, s in zip(g0, g1, start)))
         try:
             if fetched is not None:
                 data = fetched.get(fs_path(chunk_file)[1])
                 if data is None:
-                    continue  # chunk never written: all fill value (0)
+                    raise FileNotFoundError(chunk_file)
                 if meta.raw:
                     block = np.frombuffer(data, dtype=meta.dtype).reshape(meta.chunks)
                 else:
                     numcodecs.blosc.decompress(data, block)
             elif meta.raw and isinstance(chunk_file, Path):  # the speed setting: copy straight out of the
-                block = np.memmap(chunk_file, dtype=meta.dtype, mode="r", shape=meta.chunks)  # mapped file
+                block = _mappings.get(chunk_file, meta.dtype, meta.chunks)  # mapped file
             else:
                 numcodecs.blosc.decompress(chunk_file.read_bytes(), block)
         except FileNotFoundError:
-            continue  # chunk never written: all fill value (0)
-        g0 = [max(i * c, a) for i, c, a in zip(ijk, cs, lo)]
-        g1 = [min((i + 1) * c, b) for i, c, b in zip(ijk, cs, hi)]
-        dst = (Ellipsis, *(slice(a - s, b - s) for a, b, s in zip(g0, g1, start)))
+            out[dst] = 0  # chunk never written: all fill value
+            continue
         src: tuple[Any, ...] = (Ellipsis, *(slice(a - i * c, b - i * c) for a, b, i, c in zip(g0, g1, ijk, cs)))
         out[dst] = block[src]
     return out
@@ -506,6 +574,8 @@ def _read_box(
 def _fetch(files: list[Location]) -> dict[str, bytes]:
     """The bytes of the remote chunk ``files`` that exist, by their path in the file system: one
     ``cat_ranges`` call, whose requests fsspec runs concurrently (a missing chunk costs one failed GET)."""
+    if not files:
+        return {}
     fs, _ = fs_path(files[0])
     paths = [fs_path(f)[1] for f in files]
     out = {}
