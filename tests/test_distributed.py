@@ -132,30 +132,41 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the ranks' processes through /proc")
-def test_a_dead_rank_ends_the_job_with_an_error_and_leaves_a_complete_checkpoint(tiny_cache, tmp_path: Path) -> None:
-    cache_dir, _ = tiny_cache
-    run = tmp_path / "run"
+def _signal_a_rank(cache_dir: Path, run: Path, sig: signal.Signals, dist_timeout: str) -> tuple[int, str]:
+    """Start a long 2-rank job, send ``sig`` to one rank once a checkpoint exists, and wait for the job to end
+    on its own (no hang); returns (exit code, stderr)."""
     cmd = (_torchrun("--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()))
            + _train(cache_dir, run, "--batch-size", "1", "--epochs", "100000", "--iters-per-epoch", "1",
-                    "--val-every", "100000", "--dist-timeout", "1"))
+                    "--val-every", "100000", "--dist-timeout", dist_timeout))
     job = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ranks: list[int] = []
     try:
         deadline = time.monotonic() + 240
         while not (run / "last.pt").exists() and job.poll() is None and time.monotonic() < deadline:
             time.sleep(0.5)
         assert (run / "last.pt").exists(), "the job never wrote a checkpoint"
-        ranks = _children(job.pid)
+        ranks = sorted(_children(job.pid))
         assert len(ranks) == 2, ranks
-        os.kill(ranks[-1], signal.SIGKILL)
-        _, err = job.communicate(timeout=180)  # ends on its own: no hang
+        os.kill(ranks[-1], sig)
+        _, err = job.communicate(timeout=180)
     finally:
+        for pid in ranks:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         if job.poll() is None:
             job.kill()
             job.wait()
-    assert job.returncode != 0
+    return job.returncode, err
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the ranks' processes through /proc")
+def test_a_dead_rank_ends_the_job_with_an_error_and_leaves_a_complete_checkpoint(tiny_cache, tmp_path: Path) -> None:
+    code, err = _signal_a_rank(tiny_cache[0], tmp_path / "run", signal.SIGKILL, "1")
+    assert code != 0
     assert "Signal 9" in err or "SIGKILL" in err or "failed" in err.lower(), err[-2000:]
-    state = load_checkpoint(run / "last.pt")  # whatever checkpoint is there is whole
+    state = load_checkpoint(tmp_path / "run" / "last.pt")  # whatever checkpoint is there is whole
     assert state["step"] >= 1
 
 
@@ -177,31 +188,8 @@ def test_prediction_splits_the_cases_across_ranks(tiny_cache, tmp_path: Path) ->
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the ranks' processes through /proc")
 def test_a_hung_rank_fails_the_job_after_the_timeout_with_one_line(tiny_cache, tmp_path: Path) -> None:
-    cache_dir, _ = tiny_cache
-    run = tmp_path / "run"
-    cmd = (_torchrun("--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()))
-           + _train(cache_dir, run, "--batch-size", "1", "--epochs", "100000", "--iters-per-epoch", "1",
-                    "--val-every", "100000", "--dist-timeout", "0.05"))
-    job = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    ranks: list[int] = []
-    try:
-        deadline = time.monotonic() + 240
-        while not (run / "last.pt").exists() and job.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.5)
-        ranks = sorted(_children(job.pid))
-        assert len(ranks) == 2, ranks
-        os.kill(ranks[-1], signal.SIGSTOP)  # rank 1 stops answering, without dying
-        _, err = job.communicate(timeout=180)
-    finally:
-        for pid in ranks:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if job.poll() is None:
-            job.kill()
-            job.wait()
-    assert job.returncode != 0
+    code, err = _signal_a_rank(tiny_cache[0], tmp_path / "run", signal.SIGSTOP, "0.05")  # stops answering
+    assert code != 0
     mine = [line for line in err.splitlines() if line.startswith("error: rank")]
     assert mine and " of 2: the distributed job failed (a rank died or hung past --dist-timeout)" in mine[0], err
 
