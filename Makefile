@@ -80,7 +80,7 @@ demo: setup  ## fresh machine -> the whole job on synthetic data (about 6 minute
 	$(MAKE) --no-print-directory predict PYTHON=$(VENV)/bin/python
 	$(MAKE) --no-print-directory evaluate PYTHON=$(VENV)/bin/python
 
-test:  ## the type check, then the test suite (CPU, about 3 minutes)
+test:  ## the type check, then the test suite (CPU, about 4 minutes)
 	$(MAKE) --no-print-directory typecheck PYTHON=$(PYTHON)
 	$(PYTHON) -m pytest -q
 

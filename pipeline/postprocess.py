@@ -4,8 +4,9 @@ Operations, applied in this order to a (X, Y, Z) map of classes 0..3:
 
 1. whole-tumour components (26-connected, over classes 1..3): keep only the
    largest (``keep_largest``), or drop those under ``min_component`` voxels,
-   or under ``min_fraction`` of the largest one; false-positive islands far
-   from the tumour are what drives HD95 up;
+   or under ``min_fraction`` of the largest one, then (``max_distance``)
+   those farther than that many voxels from the largest one; false-positive
+   islands far from the tumour are what drives HD95 up;
 2. ``et_threshold``: a case with fewer predicted enhancing-tumour voxels than
    this gets them relabelled as necrosis (BraTS scores an ET-free case with
    any ET voxel as Dice 0, HD95 373 mm).
@@ -32,6 +33,8 @@ from pipeline.metrics import dice, hd95
 DICE_TIE = 0.005
 MIN_COMPONENT_CANDIDATES = (0, 100, 500, 1000, 3000)
 MIN_FRACTION_CANDIDATES = (0.1, 0.2, 0.5)
+#: Distances (voxels; mm at BraTS's 1 mm) beyond which a component is dropped, tried after each size rule.
+MAX_DISTANCE_CANDIDATES = (10, 20)
 ET_THRESHOLD_CANDIDATES = (0, 50, 100, 200, 300, 500, 750)
 _STRUCTURE = np.ones((3, 3, 3), dtype=bool)
 
@@ -48,6 +51,8 @@ class PostProcessing(Config):
         scores: mean Dice / HD95 of each candidate on those cases, for the record.
         min_fraction: drop whole-tumour components smaller than this share of
             the largest one (0: off).
+        max_distance: drop whole-tumour components none of whose voxels lies
+            within this many voxels of the largest one (0: off).
     """
 
     keep_largest: bool = False
@@ -56,6 +61,7 @@ class PostProcessing(Config):
     chosen_on: tuple[str, ...] = ()
     scores: tuple[tuple[str, float, float], ...] = ()
     min_fraction: float = 0.0
+    max_distance: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.min_fraction, bool) or not 0.0 <= float(self.min_fraction) <= 1.0:
@@ -63,7 +69,7 @@ class PostProcessing(Config):
         object.__setattr__(self, "min_fraction", float(self.min_fraction))
         object.__setattr__(self, "chosen_on", tuple(str(c) for c in self.chosen_on))
         object.__setattr__(self, "scores", tuple((str(n), float(d), float(h)) for n, d, h in self.scores))
-        for name in ("min_component", "et_threshold"):
+        for name in ("min_component", "et_threshold", "max_distance"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be an int >= 0, got {value!r}")
@@ -77,15 +83,18 @@ class PostProcessing(Config):
             parts.append(f"drop tumour components under {self.min_component} voxels")
         if self.min_fraction:
             parts.append(f"drop tumour components under {self.min_fraction:.0%} of the largest")
+        if self.max_distance:
+            parts.append(f"drop tumour components more than {self.max_distance} voxels from the largest")
         if self.et_threshold:
             parts.append(f"ET under {self.et_threshold} voxels -> necrosis")
         return "; ".join(parts) or "none"
 
 
 def filter_components(label: np.ndarray, keep_largest: bool, min_component: int,
-                      min_fraction: float = 0.0) -> np.ndarray:
+                      min_fraction: float = 0.0, max_distance: int = 0) -> np.ndarray:
     """Whole-tumour connected components: keep the largest, or drop the small ones (under ``min_component``
-    voxels, or under ``min_fraction`` of the largest).
+    voxels, or under ``min_fraction`` of the largest) and the distant ones (no voxel within
+    ``max_distance`` voxels of the largest).
 
     Args:
         label: (X, Y, Z) integer classes 0..3; not modified.
@@ -93,7 +102,7 @@ def filter_components(label: np.ndarray, keep_largest: bool, min_component: int,
     Returns:
         (X, Y, Z) classes of ``label``'s dtype; removed components become 0.
     """
-    if not keep_largest and min_component <= 0 and min_fraction <= 0:
+    if not keep_largest and min_component <= 0 and min_fraction <= 0 and max_distance <= 0:
         return label
     components, n = ndimage.label(label > 0, structure=_STRUCTURE)
     if n <= 1 and (keep_largest or n == 0):
@@ -101,6 +110,15 @@ def filter_components(label: np.ndarray, keep_largest: bool, min_component: int,
     sizes = np.bincount(components.ravel())
     sizes[0] = 0
     keep = sizes == sizes.max() if keep_largest else (sizes >= min_component) & (sizes >= min_fraction * sizes.max())
+    if max_distance > 0 and not keep_largest and n > 1:
+        # distance of every voxel to the largest component, within its bounding box grown by max_distance
+        largest = int(np.argmax(sizes))
+        box = tuple(slice(max(sl.start - max_distance, 0), sl.stop + max_distance)
+                    for sl in ndimage.find_objects(components)[largest - 1])
+        near = ndimage.distance_transform_edt(components[box] != largest) <= max_distance
+        reached = np.zeros_like(keep)
+        reached[np.unique(components[box][near])] = True
+        keep &= reached
     keep[0] = False
     out = label.copy()
     out[~keep[components]] = 0
@@ -120,7 +138,7 @@ def relabel_small_et(label: np.ndarray, threshold: int) -> np.ndarray:
 
 def apply(label: np.ndarray, post: PostProcessing) -> np.ndarray:
     """Apply ``post`` to a (X, Y, Z) class map (components first, then the ET threshold)."""
-    out = filter_components(label, post.keep_largest, post.min_component, post.min_fraction)
+    out = filter_components(label, post.keep_largest, post.min_component, post.min_fraction, post.max_distance)
     return relabel_small_et(out, post.et_threshold)
 
 
@@ -146,17 +164,21 @@ def choose(preds: Mapping[str, np.ndarray], truths: Mapping[str, np.ndarray]) ->
         raise ConfigError(f"post-processing needs the same, non-empty cases in both: {sorted(preds)} vs "
                           f"{sorted(truths)}")
     ids = sorted(preds)
-    rules: list[tuple[str, bool, int, float]] = [("none", False, 0, 0.0), ("largest", True, 0, 0.0)]
-    rules += [(f"min{m}", False, m, 0.0) for m in MIN_COMPONENT_CANDIDATES if m]
-    rules += [(f"frac{f:g}", False, 0, f) for f in MIN_FRACTION_CANDIDATES]
+    sizes: list[tuple[str, bool, int, float]] = [("none", False, 0, 0.0), ("largest", True, 0, 0.0)]
+    sizes += [(f"min{m}", False, m, 0.0) for m in MIN_COMPONENT_CANDIDATES if m]
+    sizes += [(f"frac{f:g}", False, 0, f) for f in MIN_FRACTION_CANDIDATES]
+    rules = [(*r, 0) for r in sizes] + [(f"{name}+near{d}" if name != "none" else f"near{d}", False, m, f, d)
+                                        for name, largest, m, f in sizes if not largest
+                                        for d in MAX_DISTANCE_CANDIDATES]
     scores = []
-    for name, largest, minimum, fraction in rules:
-        rows = [_region_scores(filter_components(preds[c], largest, minimum, fraction), truths[c]) for c in ids]
+    for name, largest, minimum, fraction, distance in rules:
+        rows = [_region_scores(filter_components(preds[c], largest, minimum, fraction, distance), truths[c])
+                for c in ids]
         scores.append((name, float(np.mean([r[0] for r in rows])), float(np.mean([r[1] for r in rows]))))
     best_dice = max(s[1] for s in scores)
     winner = min((s for s in scores if s[1] >= best_dice - DICE_TIE), key=lambda s: (s[2], -s[1]))
-    _, largest, minimum, fraction = rules[[s[0] for s in scores].index(winner[0])]
-    filtered = {c: filter_components(preds[c], largest, minimum, fraction) for c in ids}
+    _, largest, minimum, fraction, distance = rules[[s[0] for s in scores].index(winner[0])]
+    filtered = {c: filter_components(preds[c], largest, minimum, fraction, distance) for c in ids}
     et_truth = {c: truths[c] == ET for c in ids}
     best_t, best_et = 0, -1.0
     for t in ET_THRESHOLD_CANDIDATES:
@@ -164,4 +186,4 @@ def choose(preds: Mapping[str, np.ndarray], truths: Mapping[str, np.ndarray]) ->
         if et > best_et + 1e-9:
             best_t, best_et = t, et
     return PostProcessing(keep_largest=largest, min_component=minimum, et_threshold=best_t, chosen_on=tuple(ids),
-                          scores=tuple(scores), min_fraction=fraction)
+                          scores=tuple(scores), min_fraction=fraction, max_distance=distance)

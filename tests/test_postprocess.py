@@ -51,6 +51,21 @@ def test_components_keep_the_largest_or_drop_small_ones() -> None:
     assert (pred[30:36, 30:36, 30:36] == 3).all()  # input untouched
 
 
+def test_components_far_from_the_largest_are_dropped_whatever_their_size() -> None:
+    truth, pred = tumour_with_island()  # the island's nearest voxel is sqrt(3) * 14 = 24.2 voxels away
+    np.testing.assert_array_equal(filter_components(pred, False, 0, max_distance=24), truth)
+    np.testing.assert_array_equal(filter_components(pred, False, 0, max_distance=25), pred)
+    big = blob((40, 40, 40), (26, 26, 26), (38, 38, 38), 2, truth.copy())  # as large as the tumour, far away
+    big[5:17, 5:17, 5:8] = 2  # the tumour grows a little: it stays the largest
+    kept = filter_components(big, False, 0, min_fraction=0.5, max_distance=10)
+    assert not kept[26:38, 26:38, 26:38].any() and (kept[5:17, 5:17, 5:17] > 0).all()
+    post = PostProcessing(min_fraction=0.2, max_distance=10)
+    assert "more than 10 voxels from the largest" in post.describe()
+    np.testing.assert_array_equal(apply(pred, post), truth)
+    with pytest.raises(ConfigError, match="max_distance"):
+        PostProcessing(max_distance=-1)
+
+
 def test_small_et_becomes_necrosis() -> None:
     label = blob((8, 8, 8), (2, 2, 2), (6, 6, 6), 2)
     label[3, 3, 3:5] = 3  # 2 ET voxels
@@ -125,7 +140,8 @@ def test_postprocess_cli_chooses_on_pooled_folds_and_stores_everywhere(tiny_cach
     for k, val in enumerate(([ids[0]], ids[1:])):
         runs.append(tmp_path / f"fold{k}")
         runs[-1].mkdir()
-        tiny_checkpoint(runs[-1] / "last.pt", cache_dir=str(cache_dir), val=val)
+        # one run names the cache, the other the root that holds it, as `--cache-dir` accepts both
+        tiny_checkpoint(runs[-1] / "last.pt", cache_dir=str(cache_dir if k else cache_dir.parent), val=val)
     target = tmp_path / "all"
     target.mkdir()
     res = subprocess.run([sys.executable, "-m", "train.postprocess", "--runs", *map(str, runs), "--apply-to",

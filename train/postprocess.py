@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.atomic import atomic_path
-from pipeline.cache import open_case
+from pipeline.cache import open_cache, open_case
 from pipeline.device import resolve_device
 from pipeline.errors import CheckpointError, PipelineError
 from pipeline.inference import probs_to_labels
@@ -46,7 +46,7 @@ def out_of_fold(runs: Sequence[Path], cfg: P.PredictConfig, progress: bool = Tru
         ids = [str(c) for c in split.get("val", [])]
         if not ids:
             raise CheckpointError(f"{run}: has no validation cases (a --fold all run cannot choose post-processing)")
-        cache = str(state["train_config"]["cache_dir"])  # a folder or a URL
+        cache = open_cache(str(state["train_config"]["cache_dir"])).path  # a cache or a root holding one; or a URL
         predictor = P.load_predictor(state, device)
         for cid in tqdm(ids, desc=f"predict {run.name}", unit="case", disable=not progress):
             if cid in preds:
