@@ -7,14 +7,17 @@ Operations, applied in this order to a (X, Y, Z) map of classes 0..3:
    or under ``min_fraction`` of the largest one, then (``max_distance``)
    those farther than that many voxels from the largest one; false-positive
    islands far from the tumour are what drives HD95 up;
-2. ``et_threshold``: a case with fewer predicted enhancing-tumour voxels than
+2. ``et_max_distance``: enhancing-tumour components none of whose voxels is
+   within that many voxels of the largest one become necrosis (they stay
+   tumour core; stray ET far from the enhancing rim drives ET HD95 up);
+3. ``et_threshold``: a case with fewer predicted enhancing-tumour voxels than
    this gets them relabelled as necrosis (BraTS scores an ET-free case with
    any ET voxel as Dice 0, HD95 373 mm).
 
 :func:`choose` picks the settings on out-of-fold predictions: first the
 component rule that maximises mean Dice over regions and cases (rules within
 ``DICE_TIE`` of the best are ranked by mean HD95), then the ET threshold that
-maximises mean ET Dice (the smallest wins ties).
+maximises mean ET Dice (the smallest wins ties), each on top of the choices before it.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ MIN_COMPONENT_CANDIDATES = (0, 100, 500, 1000, 3000)
 MIN_FRACTION_CANDIDATES = (0.1, 0.2, 0.5)
 #: Distances (voxels; mm at BraTS's 1 mm) beyond which a component is dropped, tried after each size rule.
 MAX_DISTANCE_CANDIDATES = (10, 20)
+ET_MAX_DISTANCE_CANDIDATES = (0, 5, 10, 20)
 ET_THRESHOLD_CANDIDATES = (0, 50, 100, 200, 300, 500, 750)
 _STRUCTURE = np.ones((3, 3, 3), dtype=bool)
 
@@ -53,6 +57,9 @@ class PostProcessing(Config):
             the largest one (0: off).
         max_distance: drop whole-tumour components none of whose voxels lies
             within this many voxels of the largest one (0: off).
+        et_max_distance: relabel as necrosis the enhancing-tumour components
+            none of whose voxels lies within this many voxels of the largest
+            one (0: off).
     """
 
     keep_largest: bool = False
@@ -62,6 +69,7 @@ class PostProcessing(Config):
     scores: tuple[tuple[str, float, float], ...] = ()
     min_fraction: float = 0.0
     max_distance: int = 0
+    et_max_distance: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.min_fraction, bool) or not 0.0 <= float(self.min_fraction) <= 1.0:
@@ -69,7 +77,7 @@ class PostProcessing(Config):
         object.__setattr__(self, "min_fraction", float(self.min_fraction))
         object.__setattr__(self, "chosen_on", tuple(str(c) for c in self.chosen_on))
         object.__setattr__(self, "scores", tuple((str(n), float(d), float(h)) for n, d, h in self.scores))
-        for name in ("min_component", "et_threshold", "max_distance"):
+        for name in ("min_component", "et_threshold", "max_distance", "et_max_distance"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be an int >= 0, got {value!r}")
@@ -85,6 +93,8 @@ class PostProcessing(Config):
             parts.append(f"drop tumour components under {self.min_fraction:.0%} of the largest")
         if self.max_distance:
             parts.append(f"drop tumour components more than {self.max_distance} voxels from the largest")
+        if self.et_max_distance:
+            parts.append(f"ET more than {self.et_max_distance} voxels from the largest ET component -> necrosis")
         if self.et_threshold:
             parts.append(f"ET under {self.et_threshold} voxels -> necrosis")
         return "; ".join(parts) or "none"
@@ -111,17 +121,42 @@ def filter_components(label: np.ndarray, keep_largest: bool, min_component: int,
     sizes[0] = 0
     keep = sizes == sizes.max() if keep_largest else (sizes >= min_component) & (sizes >= min_fraction * sizes.max())
     if max_distance > 0 and not keep_largest and n > 1:
-        # distance of every voxel to the largest component, within its bounding box grown by max_distance
-        largest = int(np.argmax(sizes))
-        box = tuple(slice(max(sl.start - max_distance, 0), sl.stop + max_distance)
-                    for sl in ndimage.find_objects(components)[largest - 1])
-        near = ndimage.distance_transform_edt(components[box] != largest) <= max_distance
-        reached = np.zeros_like(keep)
-        reached[np.unique(components[box][near])] = True
-        keep &= reached
+        keep &= _near_largest(components, sizes, max_distance)
     keep[0] = False
     out = label.copy()
     out[~keep[components]] = 0
+    return out
+
+
+def _near_largest(components: np.ndarray, sizes: np.ndarray, max_distance: int) -> np.ndarray:
+    """Per component label: whether one of its voxels lies within ``max_distance`` voxels of the largest."""
+    largest = int(np.argmax(sizes))
+    # distances to the largest component, within its bounding box grown by max_distance (nothing nearer
+    # than that lies outside it)
+    box = tuple(slice(max(sl.start - max_distance, 0), sl.stop + max_distance)
+                for sl in ndimage.find_objects(components)[largest - 1])
+    near = ndimage.distance_transform_edt(components[box] != largest) <= max_distance
+    reached = np.zeros(len(sizes), dtype=bool)
+    reached[np.unique(components[box][near])] = True
+    return reached
+
+
+def relabel_distant_et(label: np.ndarray, max_distance: int) -> np.ndarray:
+    """Relabel as necrosis the ET components none of whose voxels is within ``max_distance`` voxels of the
+    largest ET component (0: off); the whole tumour and the tumour core are unchanged."""
+    if max_distance <= 0:
+        return label
+    components, n = ndimage.label(label == ET, structure=_STRUCTURE)
+    if n <= 1:
+        return label
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    far = ~_near_largest(components, sizes, max_distance)
+    far[0] = False
+    if not far.any():
+        return label
+    out = label.copy()
+    out[far[components]] = NCR
     return out
 
 
@@ -137,9 +172,9 @@ def relabel_small_et(label: np.ndarray, threshold: int) -> np.ndarray:
 
 
 def apply(label: np.ndarray, post: PostProcessing) -> np.ndarray:
-    """Apply ``post`` to a (X, Y, Z) class map (components first, then the ET threshold)."""
+    """Apply ``post`` to a (X, Y, Z) class map (components first, then distant ET, then the ET threshold)."""
     out = filter_components(label, post.keep_largest, post.min_component, post.min_fraction, post.max_distance)
-    return relabel_small_et(out, post.et_threshold)
+    return relabel_small_et(relabel_distant_et(out, post.et_max_distance), post.et_threshold)
 
 
 def _region_scores(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float, float]:
@@ -180,10 +215,16 @@ def choose(preds: Mapping[str, np.ndarray], truths: Mapping[str, np.ndarray]) ->
     _, largest, minimum, fraction, distance = rules[[s[0] for s in scores].index(winner[0])]
     filtered = {c: filter_components(preds[c], largest, minimum, fraction, distance) for c in ids}
     et_truth = {c: truths[c] == ET for c in ids}
+    best_d, best_et = 0, -1.0
+    for d in ET_MAX_DISTANCE_CANDIDATES:
+        et = float(np.mean([dice(relabel_distant_et(filtered[c], d) == ET, et_truth[c]) for c in ids]))
+        if et > best_et + 1e-9:
+            best_d, best_et = d, et
+    filtered = {c: relabel_distant_et(filtered[c], best_d) for c in ids}
     best_t, best_et = 0, -1.0
     for t in ET_THRESHOLD_CANDIDATES:
         et = float(np.mean([dice(relabel_small_et(filtered[c], t) == ET, et_truth[c]) for c in ids]))
         if et > best_et + 1e-9:
             best_t, best_et = t, et
     return PostProcessing(keep_largest=largest, min_component=minimum, et_threshold=best_t, chosen_on=tuple(ids),
-                          scores=tuple(scores), min_fraction=fraction, max_distance=distance)
+                          scores=tuple(scores), min_fraction=fraction, max_distance=distance, et_max_distance=best_d)

@@ -13,7 +13,14 @@ import pytest
 
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.metrics import hd95
-from pipeline.postprocess import PostProcessing, apply, choose, filter_components, relabel_small_et
+from pipeline.postprocess import (
+    PostProcessing,
+    apply,
+    choose,
+    filter_components,
+    relabel_distant_et,
+    relabel_small_et,
+)
 from tests.conftest import REPO
 from tests.test_predict import CPU, tiny_checkpoint
 from train.predict import PredictConfig, load_postprocessing, run_predict
@@ -64,6 +71,21 @@ def test_components_far_from_the_largest_are_dropped_whatever_their_size() -> No
     np.testing.assert_array_equal(apply(pred, post), truth)
     with pytest.raises(ConfigError, match="max_distance"):
         PostProcessing(max_distance=-1)
+
+
+def test_distant_et_becomes_necrosis_and_the_choice_finds_it() -> None:
+    shape = (48, 48, 48)
+    truth = blob(shape, (4, 4, 4), (44, 20, 20), 2)  # a long oedema
+    blob(shape, (6, 6, 6), (14, 14, 14), 3, truth)  # the enhancing core at one end
+    pred = truth.copy()
+    blob(shape, (34, 8, 8), (38, 12, 12), 3, pred)  # stray ET inside the oedema, 20 voxels from the core
+    out = relabel_distant_et(pred, 10)
+    np.testing.assert_array_equal(out == 3, truth == 3)
+    assert (out[34:38, 8:12, 8:12] == 1).all() and np.array_equal(out > 0, pred > 0)  # WT (and TC) kept
+    assert relabel_distant_et(pred, 25) is pred and relabel_distant_et(pred, 0) is pred
+    post = choose({"a": pred}, {"a": truth})
+    assert post.et_max_distance in (5, 10) and "from the largest ET component" in post.describe()
+    np.testing.assert_array_equal(apply(pred, post) == 3, truth == 3)
 
 
 def test_small_et_becomes_necrosis() -> None:
