@@ -188,7 +188,8 @@ def test_prediction_splits_the_cases_across_ranks(tiny_cache, tmp_path: Path) ->
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the ranks' processes through /proc")
 def test_a_hung_rank_fails_the_job_after_the_timeout_with_one_line(tiny_cache, tmp_path: Path) -> None:
-    code, err = _signal_a_rank(tiny_cache[0], tmp_path / "run", signal.SIGSTOP, "0.05")  # stops answering
+    # 15 s: long against any wait of a healthy rank on a busy machine (joining the group included)
+    code, err = _signal_a_rank(tiny_cache[0], tmp_path / "run", signal.SIGSTOP, "0.25")  # stops answering
     assert code != 0
     mine = [line for line in err.splitlines() if line.startswith("error: rank")]
     assert mine and " of 2: the distributed job failed (a rank died or hung past --dist-timeout)" in mine[0], err
