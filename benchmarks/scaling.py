@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -69,6 +70,7 @@ def ddp(cache_dir: Path, workdir: Path, steps: int) -> dict[str, Any]:
     for name, launcher, batch, threads in (("1 process, 2 threads, batch 2", [sys.executable], 2, 2),
                                            ("2 ranks (gloo), 1 thread each, batch 1", _torchrun(2), 1, 1)):
         run = workdir / "runs" / name.split(",")[0].replace(" ", "-")
+        shutil.rmtree(run, ignore_errors=True)  # a fresh run each time, not one continued in the same folder
         result = _train([*launcher, "-m", "train", *common, "--run-dir", str(run), "--batch-size", str(batch)],
                         threads)
         out[name] = {"step_s": result["step_seconds"], "patches_per_s": result["patches_per_s"],

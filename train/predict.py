@@ -529,9 +529,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if summary.totals is None:
         print(f"wrote {len(summary.written)} predictions to {summary.out_dir} in {summary.seconds:.1f} s; "
               f"failed {len(summary.failed)}")
-    elif distributed.from_env().main:
-        print(f"wrote {summary.totals[0]} predictions to {summary.out_dir} over "
-              f"{distributed.from_env().size} ranks; failed {summary.totals[1]}")
+    elif (world := distributed.from_env()).main:
+        print(f"wrote {summary.totals[0]} predictions to {summary.out_dir} over {world.size} ranks; "
+              f"failed {summary.totals[1]}")
     return 0 if summary.ok else 1
 
 
