@@ -30,6 +30,7 @@ SECTIONS: dict[str, str] = {
     "augmentation": "benchmarks.augmentation:run",
     "quality": "benchmarks.quality:run",
     "scaling": "benchmarks.scaling:run",
+    "device": "benchmarks.device:run",
 }
 
 Section = Callable[[argparse.Namespace, Path], dict[str, Any]]
@@ -59,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="quality: training minutes per fold and candidate recipe (default 35)")
     p.add_argument("--candidates", nargs="+", default=["recipe"], metavar="NAME",
                    help="quality: candidate recipes of benchmarks/quality.py (default: the CPU recipe)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="device: leave out the torch.compile variant of the training step (compiling takes minutes)")
     p.add_argument("--only", nargs="+", choices=list(SECTIONS), metavar="SECTION",
                    help=f"sections to run (default all: {', '.join(SECTIONS)})")
     p.add_argument("--out", type=Path, default=None,

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from train.augment import (
     LEVELS,
     AugmentConfig,
+    _blur,
     _gamma,
     augment_batch,
     intensity,
@@ -36,17 +37,71 @@ def _coded(n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     return image, label
 
 
-@pytest.mark.parametrize("level", ["nnunet", "brats2020"])
-def test_every_spatial_transform_keeps_the_label_a_function_of_the_image(level: str) -> None:
-    cfg = dataclasses.replace(LEVELS[level], p_rotation=1.0, p_scaling=1.0, p_elastic=LEVELS[level].p_elastic and 1.0)
+@pytest.mark.parametrize("level,rotation,flips", [("nnunet", 1.0, ()), ("brats2020", 1.0, ()), ("nnunet", 0.0, ()),
+                                                  ("brats2020", 0.0, (0, 2)), ("nnunet", 1.0, (1,))])
+def test_every_spatial_transform_keeps_the_label_a_function_of_the_image(level: str, rotation: float,
+                                                                          flips: tuple[int, ...]) -> None:
+    """Rotation (affine grid), elastic deformation, and scaling alone (the separable route), mirrored or not."""
+    elastic = LEVELS[level].p_elastic and rotation
+    cfg = dataclasses.replace(LEVELS[level], p_rotation=rotation, p_scaling=1.0, p_elastic=elastic)
     image, label = _coded()
     draw = spatial_draw(cfg, seed=0, index=3)
     assert draw is not None and not np.allclose(draw["matrix"], np.eye(3))
-    out, lab, mask = warp_region(image, label, draw, (16, 16, 16), cfg)
+    assert (np.count_nonzero(draw["matrix"] - np.diag(np.diag(draw["matrix"]))) == 0) == (rotation == 0)
+    out, lab, mask = warp_region(image, label, draw, (16, 16, 16), cfg, flips)
     decoded = torch.round((out[0] - 5) / 10).clamp(0, 3).long()
     pure = (out[0] - (decoded.float() * 10 + 5)).abs() < 1e-3  # away from interpolated class borders
     assert pure.float().mean() > 0.5 and torch.equal(decoded[pure & mask], lab[pure & mask])
     assert not torch.equal(lab, label[8:24, 8:24, 8:24])
+
+
+@pytest.mark.parametrize("rotation", [1.0, 0.0])
+def test_mirroring_folded_into_the_spatial_transform_is_a_flip(rotation: float) -> None:
+    cfg = dataclasses.replace(LEVELS["nnunet"], p_rotation=rotation, p_scaling=1.0)
+    image, label = _coded()
+    draw = spatial_draw(cfg, seed=1, index=5)
+    plain = warp_region(image, label, draw, (16, 16, 16), cfg)
+    for flips in ((0,), (1, 2), (0, 1, 2)):
+        out, lab, mask = warp_region(image, label, draw, (16, 16, 16), cfg, flips)
+        torch.testing.assert_close(out, torch.flip(plain[0], [d + 1 for d in flips]), atol=1e-4, rtol=0)
+        same = torch.flip(plain[1], list(flips)) == lab
+        assert same.float().mean() > 0.99  # nearest neighbour may pick the other side of an exact tie
+
+
+def test_scaling_alone_matches_the_affine_grid_within_a_voxel() -> None:
+    """The separable route and the general one sample the same anatomy (a smooth volume: values agree)."""
+    from train.augment import _flip_signs, _theta
+
+    n = 48
+    axes = torch.meshgrid(*[torch.linspace(-1, 1, n)] * 3, indexing="ij")
+    smooth = torch.stack([torch.cos(2 * axes[0]) + axes[1] ** 2 + 2, axes[2] + 3])
+    cfg = AugmentConfig(p_scaling=1.0, scaling=(0.8, 1.3))
+    for index in range(3):
+        draw = spatial_draw(cfg, seed=4, index=index)
+        region = region_for(draw, (24, 24, 24), cfg)
+        lo = [(n - r) // 2 for r in region]
+        src = smooth[:, lo[0]:lo[0] + region[0], lo[1]:lo[1] + region[1], lo[2]:lo[2] + region[2]]
+        fast, _, _ = warp_region(src, torch.zeros(src.shape[1:], dtype=torch.long), draw, (24, 24, 24), cfg)
+        theta = _theta(_flip_signs(draw["matrix"], ()), (24, 24, 24), region)[None]
+        grid = F.affine_grid(theta, [1, 1, 24, 24, 24], align_corners=False)
+        general = F.grid_sample(src[None], grid, mode="bilinear", align_corners=False)[0]
+        step = float(np.max(np.abs(np.diff(smooth.numpy(), axis=(1)))))  # largest change per voxel
+        assert float((fast - general).abs().max()) < 3 * step
+
+
+def test_blur_is_the_separable_gaussian() -> None:
+    volume = torch.rand(12, 14, 10, generator=torch.Generator().manual_seed(6))
+    sigmas = [0.6, 1.0, 0.8]
+    kernels = []
+    for s in sigmas:
+        r = max(1, int(np.ceil(3 * s)))
+        k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float64) / s) ** 2)
+        kernels.append((k / k.sum()).float())
+    kernel = torch.einsum("i,j,k->ijk", *kernels)
+    pads = [len(k) // 2 for k in kernels]
+    padded = F.pad(volume[None, None], [pads[2], pads[2], pads[1], pads[1], pads[0], pads[0]], mode="replicate")
+    want = F.conv3d(padded, kernel[None, None])[0, 0]
+    torch.testing.assert_close(_blur(volume, sigmas), want, atol=1e-5, rtol=0)
 
 
 def test_spatial_draws_fire_at_their_probability() -> None:
@@ -63,7 +118,9 @@ def test_intensity_transforms_fire_at_their_probability(name: str, p: float) -> 
     n = 1500
     cfg = AugmentConfig(**{name: p, "p_per_channel": 1.0})
     image = torch.rand(n, 2, 6, 6, 6, generator=torch.Generator().manual_seed(2)) + 0.5
-    out = intensity(image.clone(), cfg, sample_generators(3, range(n)))
+    out = image.clone()
+    for x, gen in zip(out, sample_generators(3, range(n))):
+        intensity(x, cfg, gen)
     changed = (out - image).flatten(1).abs().amax(1) > 1e-6
     assert abs(float(changed.float().mean()) - p) < 4 * (p * (1 - p) / n) ** 0.5
 
@@ -80,10 +137,20 @@ def test_intensity_keeps_the_background_and_gamma_keeps_mean_and_std() -> None:
     assert (out.abs().sum(1) > 0)[~background].float().mean() > 0.99
     x = torch.rand(3, 10, 10, 10, generator=torch.Generator().manual_seed(5)) * 3 - 1
     for invert in (False, True):
-        y = _gamma(x, torch.tensor([0.7, 1.0, 1.5]), invert)
+        y = _gamma(x.clone(), torch.tensor([0.7, 1.0, 1.5]), invert)
         torch.testing.assert_close(y.flatten(1).mean(1), x.flatten(1).mean(1), atol=1e-4, rtol=0)
         torch.testing.assert_close(y.flatten(1).std(1), x.flatten(1).std(1), atol=1e-4, rtol=1e-4)
         assert not torch.allclose(y[0], x[0])
+        # the folded map back equals the plain formula: to [0, 1], power, back to the range, re-standardise
+        g = torch.tensor([0.7, 1.0, 1.5]).view(3, 1, 1, 1)
+        v = -x if invert else x
+        lo = v.flatten(1).amin(1).view(3, 1, 1, 1)
+        span = v.flatten(1).amax(1).view(3, 1, 1, 1) - lo + 1e-7
+        w = ((v - lo) / span) ** g * span + lo
+        w = -w if invert else w
+        w = (w - w.flatten(1).mean(1).view(3, 1, 1, 1)) / w.flatten(1).std(1).view(3, 1, 1, 1)
+        want = w * x.flatten(1).std(1).view(3, 1, 1, 1) + x.flatten(1).mean(1).view(3, 1, 1, 1)
+        torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
 
 
 def test_none_is_the_identity() -> None:
@@ -126,10 +193,12 @@ def test_a_sample_is_augmented_the_same_in_any_batch_split(tiny_cache) -> None:
         assert torch.equal(label, torch.cat([halves[0][step][1], halves[1][step][1]]))
 
 
-def test_enlarged_read_leaves_no_empty_corners(tiny_cache) -> None:
-    """A rotated, scaled patch cut from the enlarged region equals the same transform of the whole volume."""
+@pytest.mark.parametrize("rotation", [1.0, 0.0])
+def test_enlarged_read_leaves_no_empty_corners(tiny_cache, rotation: float) -> None:
+    """A rotated and scaled (or only scaled) patch cut from the enlarged region equals the same transform of
+    the whole volume."""
     cache_dir, ids = tiny_cache
-    cfg = dataclasses.replace(LEVELS["nnunet"], p_rotation=1.0, p_scaling=1.0)
+    cfg = dataclasses.replace(LEVELS["nnunet"], p_rotation=rotation, p_scaling=1.0)
     spec = PatchSpec((16, 16, 16), p_fg=1.0, seed=3, augment=cfg)
     dataset = PatchDataset(cache_dir, ids, spec, 10)
     for index in range(4):
