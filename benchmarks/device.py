@@ -151,9 +151,11 @@ def measure(args: argparse.Namespace, workdir: Path, device: torch.device,
         print(f"augmentation, batch {b}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in res["augmentation_ms"][b].items()),
               flush=True)
     steps: dict[str, Any] = {}
-    variants = [("eager", {"channels_last": False}), ("eager, channels-last", {"channels_last": True})]
+    variants = [("eager", {"channels_last": False, "compile": False}),
+                ("eager, channels-last", {"channels_last": True, "compile": False})]
     if not args.no_compile:
-        variants.append(("compiled", {"channels_last": False, "compile": True}))
+        variants += [("compiled (the CUDA default)", {"channels_last": False, "compile": True}),
+                     ("compiled, channels-last", {"channels_last": True, "compile": True})]
     for name, variant in variants:
         try:
             steps[name] = step_ms(caches["speed"], workdir, batch, reps, device, patch_size=patch, **variant)

@@ -197,9 +197,11 @@ def test_defaults_follow_the_device() -> None:
     cpu = resolve(TrainConfig(cache_dir="c", run_dir="r"), "cpu", cpu_bf16=True)
     assert (cpu.preset, cpu.patch_size, cpu.optimizer) == (RECIPES["cpu"]["preset"], RECIPES["cpu"]["patch_size"],
                                                            RECIPES["cpu"]["optimizer"])
-    assert cpu.amp == "bf16" and cpu.channels_last and cpu.n_folds == 5
+    assert cpu.amp == "bf16" and cpu.channels_last and cpu.n_folds == 5 and cpu.compile is False
     assert resolve(TrainConfig(cache_dir="c", run_dir="r"), "cpu", cpu_bf16=False).amp == "none"
     cuda = resolve(TrainConfig(cache_dir="c", run_dir="r", batch_size=4), "cuda", cpu_bf16=False)
     assert (cuda.preset, cuda.patch_size, cuda.batch_size, cuda.amp) == ("brats", (128, 128, 128), 4, "bf16")
+    assert cuda.compile is True and cuda.channels_last is False
+    assert resolve(TrainConfig(cache_dir="c", run_dir="r", compile=False), "cuda", cpu_bf16=False).compile is False
     with pytest.raises(ConfigError, match="fp16 needs CUDA"):
         resolve(TrainConfig(cache_dir="c", run_dir="r", amp="fp16"), "cpu", cpu_bf16=True)

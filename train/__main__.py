@@ -65,7 +65,8 @@ HELP = {
     "device": "auto (CUDA if present), cpu, cuda, cuda:N",
     "amp": "autocast: bf16, fp16 (CUDA only, with a grad scaler) or none; default: bf16 on CUDA and on CPUs "
            "with native bf16 (AMX/AVX512-BF16), else none",
-    "compile": "torch.compile the model",
+    "compile": "torch.compile the training step; default: on with CUDA (about 25 s of compiling, then a 128^3 "
+               "brats step 1.8x faster on an H200), off on a CPU",
     "sync_bn": "under torchrun on CUDA: synchronise batch-norm statistics across ranks (SyncBatchNorm; presets "
                "with batch norm only)",
     "dist_timeout": "under torchrun: minutes any collective waits for the other ranks before the job fails "

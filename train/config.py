@@ -105,7 +105,7 @@ class TrainConfig(Config):
     seed: int = 0
     device: str = "auto"
     amp: str | None = None
-    compile: bool = False
+    compile: bool | None = None
     channels_last: bool | None = None
     sync_bn: bool = False
     dist_timeout: float = 10.0
@@ -183,6 +183,8 @@ def resolve(cfg: TrainConfig, device_type: str, cpu_bf16: bool) -> TrainConfig:
         fill["amp"] = "bf16" if device_type == "cuda" or cpu_bf16 else "none"
     if cfg.channels_last is None:
         fill["channels_last"] = device_type != "cuda" and fill.get("amp", cfg.amp) == "bf16"
+    if cfg.compile is None:  # on an H200 a compiled 128³ brats step takes 47 ms instead of 83 (docs/benchmarks.md)
+        fill["compile"] = device_type == "cuda"
     if cfg.n_folds is None and cfg.fold != ALL:
         fill["n_folds"] = 5
     out = dataclasses.replace(cfg, **fill)

@@ -86,27 +86,34 @@ class PatchDataset(Dataset[dict[str, Any]]):
         start, cls = choose_patch_start(case.shape, self.spec.patch_size, indices, self.spec.p_fg, rng)
         return case, start, cls
 
-    def read_region(self, case: CachedCase, start: tuple[int, int, int], draw: dict[str, Any]) -> dict[str, Any]:
+    def read_region(self, case: CachedCase, start: tuple[int, int, int], draw: dict[str, Any],
+                    pin_memory: bool = False) -> dict[str, Any]:
         """The region, centred on the patch, that a drawn spatial transform samples from (only the chunks it
-        touches are read; outside the volume is 0)."""
+        touches are read; outside the volume is 0), decoded into page-locked memory when ``pin_memory`` (it
+        goes to the GPU whole: about 50 MB of float16 for a 128³ patch rotated by 30° on every axis)."""
         size = region_for(draw, self.spec.patch_size, self.spec.augment)
         corner = tuple(s + p // 2 - r // 2 for s, p, r in zip(start, self.spec.patch_size, size))
-        image, label = case.read_patch(corner, size)  # type: ignore[arg-type]
-        return {"image": torch.from_numpy(image), "label": torch.from_numpy(label), "draw": draw}
+        dtype = torch.float16 if self.image_dtype == np.float16 else torch.float32
+        image = torch.empty((4, *size), dtype=dtype, pin_memory=pin_memory)
+        label = torch.empty(size, dtype=torch.uint8, pin_memory=pin_memory)
+        case.read_patch(corner, size, out=(image.numpy(), label.numpy()))  # type: ignore[arg-type]
+        return {"image": image, "label": label, "draw": draw}
 
-    def load_into(self, index: int, image: np.ndarray, label: np.ndarray) -> dict[str, Any]:
+    def load_into(self, index: int, image: np.ndarray, label: np.ndarray, pin_memory: bool = False
+                  ) -> dict[str, Any]:
         """Read sample ``index`` into preallocated arrays, or its enlarged region when it is drawn for a
         spatial transform (``region`` in the result; the arrays are then left for the device to fill).
 
         Args:
             image: (4, px, py, pz) array of the cache's image dtype, overwritten.
             label: (px, py, pz) uint8 array, overwritten.
+            pin_memory: read a region into page-locked memory (the thread loader of a CUDA run).
         """
         case, start, cls = self.locate(index)
         meta = {"case_id": case.case_id, "start": torch.tensor(start), "fg_class": cls, "index": int(index)}
         draw = spatial_draw(self.spec.augment, self.spec.seed, index)
         if draw is not None:
-            return {**meta, "region": self.read_region(case, start, draw)}
+            return {**meta, "region": self.read_region(case, start, draw, pin_memory)}
         case.read_patch(start, self.spec.patch_size, out=(image, label))
         return meta
 
@@ -202,7 +209,8 @@ def _submit(pool: ThreadPoolExecutor, dataset: PatchDataset, samples: list[int],
     image = torch.empty((batch_size, 4, *size), dtype=dtype, pin_memory=pin_memory)
     label = torch.empty((batch_size, *size), dtype=torch.uint8, pin_memory=pin_memory)
     futures = [
-        pool.submit(dataset.load_into, k, image[j].numpy(), label[j].numpy()) for j, k in enumerate(samples)
+        pool.submit(dataset.load_into, k, image[j].numpy(), label[j].numpy(), pin_memory)
+        for j, k in enumerate(samples)
     ]
     return {"image": image, "label": label}, futures
 

@@ -336,6 +336,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dic
     writer = SummaryWriter(str(run_dir / "tb"), purge_step=step or None) if world.main else None
     last: dict[str, Any] = dict(history[-1]) if history else {}
     epochs = int(cfg.epochs or 1)
+    state: dict[str, Any] = {"elapsed_s": clock.elapsed()}
     try:
         while epoch < epochs and (step == 0 or not _spent(world, clock)):
             timing = _epoch(parts, dataset, writer, step, samples, epoch, clock, progress)
@@ -355,7 +356,12 @@ def fit(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dic
                                         _state(parts, step, epoch, best, history + [last], clock, samples))
             history.append(last)
             if world.main:
-                save_checkpoint(run_dir / "last.pt", _state(parts, step, epoch, best, history, clock, samples))
+                state = _state(parts, step, epoch, best, history, clock, samples)
+                save_checkpoint(run_dir / "last.pt", state)
+        if world.main and step > 0 and epoch < epochs and budget_s and state["elapsed_s"] < budget_s:
+            # the budget ran out between the last checkpoint and the check before the next epoch: record the
+            # clock that stopped the run, so that resuming it finds nothing left to do
+            save_checkpoint(run_dir / "last.pt", _state(parts, step, epoch, best, history, clock, samples))
         world.barrier()  # no rank leaves before the last checkpoint is on disk
     finally:
         if writer is not None:
