@@ -125,6 +125,17 @@ def test_intensity_transforms_fire_at_their_probability(name: str, p: float) -> 
     assert abs(float(changed.float().mean()) - p) < 4 * (p * (1 - p) / n) ** 0.5
 
 
+def test_each_axis_is_mirrored_half_the_time() -> None:
+    from train.augment import mirror_draw
+
+    n = 2000
+    draws = [mirror_draw(g) for g in sample_generators(8, range(n))]
+    for axis in range(3):
+        share = sum(axis in d for d in draws) / n
+        assert abs(share - 0.5) < 4 * (0.25 / n) ** 0.5, (axis, share)
+    assert len(set(draws)) == 8  # every combination of axes occurs
+
+
 def test_intensity_keeps_the_background_and_gamma_keeps_mean_and_std() -> None:
     image, label = _coded()
     image[:, :, :, :4] = 0  # outside the brain

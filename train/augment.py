@@ -1,4 +1,4 @@
-"""Training augmentation at nnU-Net strength, batched on the training device.
+"""Training augmentation at nnU-Net strength, on the training device.
 
 Named levels (:data:`LEVELS`, ``--augment``):
 
@@ -278,7 +278,7 @@ def _blur(volume: torch.Tensor, sigmas: list[float]) -> torch.Tensor:
     """Separable Gaussian blur of one (X, Y, Z) volume, one sigma per axis (voxels), edges replicated.
 
     Each axis is a shift-and-add over the kernel's taps (radius ceil(3 sigma)) along the padded axis: on a
-    CPU about twice as fast as ``conv3d`` with a one-axis kernel.
+    CPU a quarter of the time of ``conv3d`` with a one-axis kernel (22 ms against 97 for 128³).
     """
     out = volume
     for axis, sigma in enumerate(sigmas):
