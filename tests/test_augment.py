@@ -68,25 +68,40 @@ def test_mirroring_folded_into_the_spatial_transform_is_a_flip(rotation: float) 
         assert same.float().mean() > 0.99  # nearest neighbour may pick the other side of an exact tie
 
 
-def test_scaling_alone_matches_the_affine_grid_within_a_voxel() -> None:
-    """The separable route and the general one sample the same anatomy (a smooth volume: values agree)."""
+@pytest.mark.parametrize("flips", [(), (0, 2)])
+def test_scaling_alone_matches_the_affine_grid_within_a_voxel(flips: tuple[int, ...]) -> None:
+    """The separable route and the general one sample the same anatomy (a smooth volume: values agree to
+    the change over a voxel), per-axis factors and mirroring included."""
     from train.augment import _flip_signs, _theta
 
     n = 48
     axes = torch.meshgrid(*[torch.linspace(-1, 1, n)] * 3, indexing="ij")
     smooth = torch.stack([torch.cos(2 * axes[0]) + axes[1] ** 2 + 2, axes[2] + 3])
-    cfg = AugmentConfig(p_scaling=1.0, scaling=(0.8, 1.3))
-    for index in range(3):
+    cfg = dataclasses.replace(LEVELS["brats2020"], p_rotation=0.0, p_scaling=1.0, p_elastic=0.0)  # per axis
+    step = float(max(np.abs(np.diff(smooth.numpy(), axis=a)).max() for a in (1, 2, 3)))  # largest change per voxel
+    for index in range(4):
         draw = spatial_draw(cfg, seed=4, index=index)
         region = region_for(draw, (24, 24, 24), cfg)
         lo = [(n - r) // 2 for r in region]
         src = smooth[:, lo[0]:lo[0] + region[0], lo[1]:lo[1] + region[1], lo[2]:lo[2] + region[2]]
-        fast, _, _ = warp_region(src, torch.zeros(src.shape[1:], dtype=torch.long), draw, (24, 24, 24), cfg)
-        theta = _theta(_flip_signs(draw["matrix"], ()), (24, 24, 24), region)[None]
+        fast, _, brain = warp_region(src, torch.zeros(src.shape[1:], dtype=torch.long), draw, (24, 24, 24), cfg,
+                                     flips)
+        theta = _theta(_flip_signs(draw["matrix"], flips), (24, 24, 24), region)[None]
         grid = F.affine_grid(theta, [1, 1, 24, 24, 24], align_corners=False)
         general = F.grid_sample(src[None], grid, mode="bilinear", align_corners=False)[0]
-        step = float(np.max(np.abs(np.diff(smooth.numpy(), axis=(1)))))  # largest change per voxel
-        assert float((fast - general).abs().max()) < 3 * step
+        assert float((fast - general).abs().max()) < 3 * step and bool(brain.all())
+
+
+def test_gamma_keeps_the_statistics_of_a_mostly_empty_patch() -> None:
+    """A patch that is almost all background: the mean is large against the spread once scaled to [0, 1]."""
+    x = torch.zeros(4, 64, 64, 64)
+    x[:, 28:34, 28:34, 28:34] = torch.randn(4, 6, 6, 6, generator=torch.Generator().manual_seed(7)) * 0.5 + 1
+    for invert in (False, True):
+        y = _gamma(x.clone(), torch.tensor([0.7, 1.0, 1.3, 1.5]), invert)
+        want_mean, want_std = x.double().flatten(1).mean(1), x.double().flatten(1).std(1)
+        torch.testing.assert_close(y.double().flatten(1).mean(1), want_mean, atol=1e-5, rtol=0)
+        torch.testing.assert_close(y.double().flatten(1).std(1), want_std, atol=0, rtol=1e-3)
+        assert float(y.abs().max()) < 50
 
 
 def test_blur_is_the_separable_gaussian() -> None:

@@ -17,8 +17,10 @@ Named levels (:data:`LEVELS`, ``--augment``):
   and scaling at p 0.3, scaling 0.65–1.6 drawn per axis, elastic deformation
   (p 0.3), additive brightness (p 0.3), gamma 0.5–1.6.
 
-After every transform the brain mask is applied again, so outside the brain
-stays exactly 0, as the z-scored cache stores it.
+At the end the brain mask is applied again (after a spatial transform, the
+mask resampled by nearest neighbour, as nnU-Net masks with its resampled
+segmentation), so outside the brain stays exactly 0, as the z-scored cache
+stores it.
 
 Randomness: the spatial parameters of sample ``k`` come from
 ``np.random.default_rng([seed, k, SPATIAL_STREAM])`` in the loader, which
@@ -197,37 +199,46 @@ def warp_region(image: torch.Tensor, label: torch.Tensor, draw: dict[str, Any], 
                 cfg: AugmentConfig, flips: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample one patch out of its enlarged source region, mirrored along the patch axes in ``flips``.
 
-    A rotation (or elastic deformation) samples an affine grid: linear for the image, nearest for the label.
-    A draw that only scales is separable and takes the cheaper route of ``F.interpolate`` (trilinear and
-    nearest-exact) over the ``round(f * patch)`` voxels about the region's centre, which keeps the drawn
-    factor to within 1/patch and the centre to within half a voxel.
+    The image is sampled linearly; the label and the brain mask (voxels non-zero in any channel) by the
+    nearest voxel, both from one code volume (label + 4 x mask), as nnU-Net resamples its segmentation
+    and masks the image with it. A rotation (or elastic deformation) samples an affine grid
+    (``grid_sample``). A draw that only scales is separable and takes ``F.interpolate`` (trilinear, and
+    nearest-exact for the code: the same half-voxel convention) over the ``round(f * patch)`` voxels about
+    the region's centre, a fifth of the cost on a CPU; that keeps the drawn factor to within 1/patch and
+    the centre to within half a voxel, and where f < 1 the outermost layer of the patch repeats the box's
+    edge voxel (image and label alike) instead of blending in the voxel beyond it.
 
     Args:
-        image: (C, RX, RY, RZ) float region on the device, exactly 0 outside the brain.
-        label: (RX, RY, RZ) integer region.
+        image: (C, RX, RY, RZ) region (float16 or float32) on the device, exactly 0 outside the brain.
+        label: (RX, RY, RZ) integer region, classes 0-3.
 
     Returns:
-        (image (C, *patch), label (*patch) of ``label``'s dtype, brain mask (*patch) bool: where the sampled
-        first channel is non-zero, i.e. the brain with the rim that linear interpolation blends).
+        (image (C, *patch) float32, label (*patch) of ``label``'s dtype, brain mask (*patch) bool).
     """
     region = tuple(image.shape[1:])
     if _is_scaling(draw):
         size = [max(1, round(f * p)) for f, p in zip(np.diag(draw["matrix"]), patch)]
         lo = [(r - s) // 2 for r, s in zip(region, size)]
         box = tuple(slice(a, a + s) for a, s in zip(lo, size))
-        out = F.interpolate(image[(slice(None), *box)][None], size=patch, mode="trilinear", align_corners=False)[0]
-        lab = F.interpolate(label[box][None, None].float(), size=patch, mode="nearest-exact")[0, 0]
+        src = image[(slice(None), *box)].float()
+        code = label[box].to(torch.uint8) + 4 * src.any(0).to(torch.uint8)
+        out = F.interpolate(src[None], size=patch, mode="trilinear", align_corners=False)[0]
+        near = F.interpolate(code[None, None].float(), size=patch, mode="nearest-exact")[0, 0]
         if flips:
-            out, lab = torch.flip(out, [d + 1 for d in flips]), torch.flip(lab, list(flips))
+            out, near = torch.flip(out, [d + 1 for d in flips]), torch.flip(near, list(flips))
     else:
+        src = image.float()
+        code = label.to(torch.uint8) + 4 * src.any(0).to(torch.uint8)
         theta = _theta(_flip_signs(draw["matrix"], flips), patch, region).to(image.device)[None]
         grid = F.affine_grid(theta, [1, 1, *patch], align_corners=False)
         if draw["elastic"] is not None:
             grid = grid + _elastic_field(draw["elastic"], patch, region, cfg, image.device)
-        out = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
-        lab = F.grid_sample(label[None, None].float(), grid, mode="nearest", padding_mode="zeros",
-                            align_corners=False)[0, 0]
-    return out, lab.round().to(label.dtype), out[0] != 0
+        out = F.grid_sample(src[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+        near = F.grid_sample(code[None, None].float(), grid, mode="nearest", padding_mode="zeros",
+                             align_corners=False)[0, 0]
+    coded = near.round().to(torch.uint8)
+    brain = coded >= 4
+    return out, (coded - 4 * brain.to(torch.uint8)).to(label.dtype), brain
 
 
 # ---------------------------------------------------------------- intensity: per sample on the device
@@ -265,13 +276,12 @@ def _per_channel(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 
 def _mean_std(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row mean and (unbiased) std of (K, N) from the mean and the 2-norm: two vectorised reductions,
-    on a CPU a tenth of the cost of ``torch.std`` (our values are z-scored or in [0, 1]: no cancellation)."""
+    """Per-row mean and (unbiased) std of (K, N) in two passes: the mean, then the 2-norm of the deviations
+    (a third of the cost of ``torch.std`` on a CPU, and exact where the mean is large against the spread, as
+    in a mostly-background patch scaled to [0, 1])."""
     mean = flat.mean(1)
     n = flat.shape[1]
-    meansq = torch.linalg.vector_norm(flat, dim=1).square() / n
-    var = (meansq - mean * mean).clamp_min(0) * (n / max(n - 1, 1))
-    return mean, var.sqrt()
+    return mean, torch.linalg.vector_norm(flat - mean[:, None], dim=1) / math.sqrt(max(n - 1, 1))
 
 
 def _blur(volume: torch.Tensor, sigmas: list[float]) -> torch.Tensor:
@@ -320,24 +330,25 @@ def _gamma(x: torch.Tensor, gamma: torch.Tensor, invert: bool) -> torch.Tensor:
     return x
 
 
-def intensity(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
-    """Every intensity transform of ``cfg`` in nnU-Net's order, on one sample, each only when drawn.
+def intensity(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator, mask: torch.Tensor | None = None
+              ) -> torch.Tensor:
+    """Every intensity transform of ``cfg`` in nnU-Net's order, on one sample, each only when drawn; then the
+    brain mask, so outside the brain stays exactly 0.
 
     Args:
         x: (C, X, Y, Z) float32 on the training device, modified in place and returned.
         gen: the sample's generator (:func:`sample_generators`).
-
-    The brain mask (``x[0] != 0``: the z-scored cache is exactly 0 outside the brain and, inside it, 0 only
-    where a voxel equals its modality's mean exactly) is taken before the first transform that moves a 0, and
-    applied again at the end, so outside the brain stays exactly 0.
+        mask: the sample's brain mask, when known (a spatially transformed sample's, sampled by nearest
+            neighbour), always applied. Otherwise the voxels non-zero in any channel (the z-scored cache is
+            exactly 0 outside the brain) are taken before the first transform that moves a 0, and applied
+            only when one did.
     """
     c = x.shape[0]
-    mask: torch.Tensor | None = None
 
     def unmasked() -> None:
         nonlocal mask
         if mask is None:
-            mask = x[0] != 0
+            mask = x.any(0)
 
     if cfg.p_scale_shift and _hit(cfg.p_scale_shift, gen):
         scale, shift = _uniform((c,), 0.9, 1.1, gen), _uniform((c,), -0.1, 0.1, gen)
@@ -370,7 +381,7 @@ def intensity(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torc
             zoom = float(_uniform((), *cfg.lowres_zoom, gen))
             size = [max(1, round(s * zoom)) for s in x.shape[1:]]
             unmasked()
-            low = F.interpolate(x[ch][None, None], size=size, mode="nearest")
+            low = F.interpolate(x[ch][None, None], size=size, mode="nearest-exact")
             x[ch] = F.interpolate(low, size=tuple(x.shape[1:]), mode="trilinear", align_corners=False)[0, 0]
     for p, invert in ((cfg.p_gamma_inverted, True), (cfg.p_gamma, False)):
         if _hit(p, gen):
@@ -421,10 +432,12 @@ def augment_batch(batch: dict[str, Any], cfg: AugmentConfig, gens: list[torch.Ge
                for slot, region_image, region_label, draw in batch.get("spatial", [])}
     for i, gen in enumerate(gens):
         flips = mirror_draw(gen) if cfg.mirror else ()
+        brain = None
         if i in spatial:
             region_image, region_label, draw = spatial[i]
-            out, lab, _ = warp_region(region_image.to(device).float(), region_label.to(device), draw,
-                                      patch, cfg, flips)  # type: ignore[arg-type]
+            out, lab, brain = warp_region(region_image.to(device, non_blocking=True),
+                                          region_label.to(device, non_blocking=True), draw, patch, cfg,  # type: ignore[arg-type]
+                                          flips)
             image[i], label[i] = out, lab
         elif flips:
             dims = list(flips)
@@ -432,7 +445,7 @@ def augment_batch(batch: dict[str, Any], cfg: AugmentConfig, gens: list[torch.Ge
             label[i] = torch.flip(loaded_label[i], dims)
         else:
             image[i], label[i] = loaded_image[i], loaded_label[i]
-        intensity(image[i], cfg, gen)
+        intensity(image[i], cfg, gen, brain)
     return image, label
 
 

@@ -183,7 +183,7 @@ def resolve(cfg: TrainConfig, device_type: str, cpu_bf16: bool) -> TrainConfig:
         fill["amp"] = "bf16" if device_type == "cuda" or cpu_bf16 else "none"
     if cfg.channels_last is None:
         fill["channels_last"] = device_type != "cuda" and fill.get("amp", cfg.amp) == "bf16"
-    if cfg.compile is None:  # on an H200 a compiled 128³ brats step takes 47 ms instead of 83 (docs/benchmarks.md)
+    if cfg.compile is None:  # on an H200 a compiled 128³ brats step takes 48 ms instead of 84 (docs/benchmarks.md)
         fill["compile"] = device_type == "cuda"
     if cfg.n_folds is None and cfg.fold != ALL:
         fill["n_folds"] = 5
