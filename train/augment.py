@@ -195,6 +195,14 @@ def _is_scaling(draw: dict[str, Any]) -> bool:
     return draw["elastic"] is None and not np.any(matrix - np.diag(np.diag(matrix))) and bool(np.all(np.diag(matrix) > 0))
 
 
+def brain_of(image: torch.Tensor) -> torch.Tensor:
+    """(C, ...) image -> (...) bool: voxels non-zero in any channel (the brain of a z-scored patch, exactly 0
+    outside it). Tests the bit patterns, which on a CPU takes half the time of a float comparison; a float
+    is 0 exactly when its bits are, but for -0.0, which z-scoring does not produce (x - x is +0)."""
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[image.element_size()]
+    return image.view(bits).any(0)
+
+
 def warp_region(image: torch.Tensor, label: torch.Tensor, draw: dict[str, Any], patch: tuple[int, int, int],
                 cfg: AugmentConfig, flips: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample one patch out of its enlarged source region, mirrored along the patch axes in ``flips``.
@@ -220,15 +228,16 @@ def warp_region(image: torch.Tensor, label: torch.Tensor, draw: dict[str, Any], 
         size = [max(1, round(f * p)) for f, p in zip(np.diag(draw["matrix"]), patch)]
         lo = [(r - s) // 2 for r, s in zip(region, size)]
         box = tuple(slice(a, a + s) for a, s in zip(lo, size))
-        src = image[(slice(None), *box)].float()
-        code = label[box].to(torch.uint8) + 4 * src.any(0).to(torch.uint8)
+        src = image[(slice(None), *box)]
+        code = label[box].to(torch.uint8) + 4 * brain_of(src).to(torch.uint8)
+        src = src.float()
         out = F.interpolate(src[None], size=patch, mode="trilinear", align_corners=False)[0]
         near = F.interpolate(code[None, None].float(), size=patch, mode="nearest-exact")[0, 0]
         if flips:
             out, near = torch.flip(out, [d + 1 for d in flips]), torch.flip(near, list(flips))
     else:
+        code = label.to(torch.uint8) + 4 * brain_of(image).to(torch.uint8)
         src = image.float()
-        code = label.to(torch.uint8) + 4 * src.any(0).to(torch.uint8)
         theta = _theta(_flip_signs(draw["matrix"], flips), patch, region).to(image.device)[None]
         grid = F.affine_grid(theta, [1, 1, *patch], align_corners=False)
         if draw["elastic"] is not None:
@@ -348,7 +357,7 @@ def intensity(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator, mask: t
     def unmasked() -> None:
         nonlocal mask
         if mask is None:
-            mask = x.any(0)
+            mask = brain_of(x)
 
     if cfg.p_scale_shift and _hit(cfg.p_scale_shift, gen):
         scale, shift = _uniform((c,), 0.9, 1.1, gen), _uniform((c,), -0.1, 0.1, gen)
