@@ -134,3 +134,20 @@ def test_bad_settings_raise(bad: dict) -> None:
         PreprocessConfig(**bad)
     with pytest.raises(ConfigError, match="unknown"):
         PreprocessConfig.from_dict({"nope": 1})
+
+
+def test_size_leaves_out_the_temporaries_of_interrupted_writes(tmp_path: Path) -> None:
+    """A dead writer's hidden temporary group is not counted as the cache's size, and is removed later."""
+    from pipeline.cache.check import disk_usage
+    from pipeline.cache.store import cleanup_partial
+
+    cache_dir, _, _ = _write(tmp_path, PreprocessConfig(chunk=(16, 16, 16)))
+    size = disk_usage(cache_dir)
+    assert size > 0
+    leftover = cache_dir / ".c2.zarr.tmp-1234-abcdef12" / "image" / "c" / "0"
+    leftover.mkdir(parents=True)
+    (leftover / "0").write_bytes(b"x" * 100_000)
+    (cache_dir / "notes.txt").write_bytes(b"y" * 10)  # anything else still counts
+    assert disk_usage(cache_dir) == size + 10
+    assert cleanup_partial(cache_dir) == [".c2.zarr.tmp-1234-abcdef12"]
+    assert not (cache_dir / ".c2.zarr.tmp-1234-abcdef12").exists()

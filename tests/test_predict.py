@@ -162,6 +162,7 @@ def test_predict_cli_end_to_end(raw_dir: Path, tmp_path: Path) -> None:
                "--save-probabilities", "--et-threshold", "10", "--no-progress")
     assert res.returncode == 1, res.stderr
     assert "BraTS20_Training_009" in res.stderr and "'t1'" in res.stderr
+    assert res.stderr.count("FAILED") == 1 and "failed 1 (BraTS20_Training_009)" in res.stdout
     ids = ["BraTS20_Training_001", "BraTS20_Training_002", "BraTS20_Training_003", "BraTS20_Validation_001"]
     for cid in ids:
         pred, flair = nib.load(out / f"{cid}.nii.gz"), nib.load(next((raw_dir / cid).glob("*_flair.nii.gz")))

@@ -524,11 +524,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     finally:
         distributed.shutdown()
-    for message in summary.failed.values():
-        print(f"FAILED {message}", file=sys.stderr)
+    # each failure was printed with its reason as it happened; the summary names the cases again
     if summary.totals is None:
+        names = f" ({', '.join(summary.failed)})" if summary.failed else ""
         print(f"wrote {len(summary.written)} predictions to {summary.out_dir} in {summary.seconds:.1f} s; "
-              f"failed {len(summary.failed)}")
+              f"failed {len(summary.failed)}{names}")
     elif (world := distributed.from_env()).main:
         print(f"wrote {summary.totals[0]} predictions to {summary.out_dir} over {world.size} ranks; "
               f"failed {summary.totals[1]}")

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from pipeline.brats import CLASS_NAMES
-from pipeline.cache.location import Location, fs_path, is_local
-from pipeline.cache.store import CacheInfo, CachedCase, open_case
+from pipeline.cache.location import Location, fs_path
+from pipeline.cache.store import CacheInfo, CachedCase, is_leftover, open_case
 from pipeline.errors import CacheFormatError
 
 
 def disk_usage(path: Location) -> int:
-    """Bytes of every file (or object) under ``path``."""
-    if not is_local(path):
+    """Bytes of every file (or object) under ``path``, but for the hidden temporary groups of writes that
+    are under way or were interrupted (a local cache: :func:`pipeline.cache.store.is_leftover`)."""
+    if not isinstance(path, Path):
         fs, inner = fs_path(path)
         return int(fs.du(inner))
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    sizes = [f.stat().st_size for f in path.rglob("*")
+             if f.is_file() and not any(is_leftover(part) for part in f.relative_to(path).parts)]
+    return int(sum(sizes))
 
 
 def info_lines(cache: CacheInfo) -> list[str]:

@@ -214,10 +214,15 @@ def cleanup_partial(cache_dir: str | os.PathLike[str] | Location) -> list[str]:
         return []
     removed = []
     for p in cache_dir.glob(f".*{_SUFFIX}.*"):
-        if ".tmp-" in p.name or ".old-" in p.name:
+        if is_leftover(p.name):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p.name)
     return removed
+
+
+def is_leftover(name: str) -> bool:
+    """Whether a cache entry is a write's hidden temporary or replaced group (not a case of the cache)."""
+    return name.startswith(".") and _SUFFIX in name and (".tmp-" in name or ".old-" in name)
 
 
 def _read_attrs(path: Location) -> dict[str, Any] | None:
