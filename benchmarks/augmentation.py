@@ -39,7 +39,7 @@ from benchmarks.offline import synthetic_raw
 from pipeline.cache import PreprocessConfig, open_cache, open_case
 from pipeline.nifti import discover_cases
 from preprocess.run import run_preprocess
-from train.augment import LEVELS, augment_batch, sample_generators
+from train.augment import LEVELS, augment_batch, region_for, sample_generators
 from train.dataset import PatchDataset, PatchSpec, make_batches
 
 PATCH = (128, 128, 128)
@@ -107,6 +107,44 @@ def nnunet(cache_dir: Path, patches: int) -> dict[str, Any]:
     return {"patches": patches, "cpu_s_per_patch": cpu / patches, "region": list(region)}
 
 
+def transform_costs(reps: int = 3) -> dict[str, float]:
+    """CPU milliseconds of each costly step of :mod:`train.augment` alone, one thread, on a 4x128³ float32
+    sample (spatial steps: from the float16 region that a 20° rotation of every axis at scale 1.1 needs,
+    or a scaling of 1.3 alone), best of ``reps``."""
+    from train.augment import _blur, _gamma, brain_of, rotation_matrix, warp_region
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((4, *PATCH), generator=gen)
+    x[:, :16] = 0
+    level = LEVELS["nnunet"]
+    regions = {}
+    for name, matrix in (("rotation", rotation_matrix(np.radians([20.0, 20.0, 20.0])) * 1.1),
+                         ("scaling", np.eye(3) * 1.3)):
+        draw = {"matrix": matrix, "elastic": None}
+        size = region_for(draw, PATCH, level)
+        regions[name] = (torch.randn((4, *size), generator=gen).half(),
+                         torch.randint(0, 4, size, dtype=torch.uint8), draw)
+    steps = {
+        "gamma (4 channels, on a copy)": lambda: _gamma(x.clone(), torch.full((4,), 1.3), False),
+        "the copy alone": lambda: x.clone(),
+        "blur (1 channel)": lambda: _blur(x[0], [0.8, 0.8, 0.8]),
+        "brain mask of the sample": lambda: brain_of(x),
+        "noise (4 channels)": lambda: x + torch.randn(x.shape, generator=gen),
+        "rotation and scaling (grid_sample route)": lambda: warp_region(*regions["rotation"], PATCH, level),
+        "scaling alone (separable route)": lambda: warp_region(*regions["scaling"], PATCH, level),
+    }
+    out = {}
+    for name, step in steps.items():
+        step()
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.process_time()
+            step()
+            best = min(best, time.process_time() - t0)
+        out[name] = 1000 * best
+    return out
+
+
 def read_rates(caches: dict[str, Path], workdir: Path, patches: int) -> dict[str, Any]:
     """Training patches (float16 image + uint8 label, 128³) per second from one thread: each cache's reader
     and ``.npy`` memmaps of the same arrays (kept open), same draws."""
@@ -155,6 +193,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "(c) ours, augmentation on the device": ours(caches["default"], n, on_cpu=False),
             "(c) with the speed setting": ours(caches["speed (codec none)"], n, on_cpu=False),
         }
+        res["transform_ms"] = transform_costs()
     finally:
         torch.set_num_threads(threads)
     res["reads_per_s"] = read_rates(caches, workdir, max(100, args.patches // 2))
@@ -179,6 +218,9 @@ def report(res: dict[str, Any]) -> str:
             v = r.get("cpu_s_per_patch")
             rows.append([name, f"{v:.3f}" if v else r.get("skipped"), f"{a / v:.1f}x" if a and v else "-"])
     lines = [table(["pipeline", "CPU-s per 128³ patch", "(a) / this"], rows), ""]
+    if "transform_ms" in res:
+        lines += [table(["step of the nnunet level alone (1 thread, 4x128³)", "CPU ms"],
+                        [[k, f"{v:.1f}"] for k, v in res["transform_ms"].items()]), ""]
     reads = res["reads_per_s"]
     npy = reads["npy memmap"]
     lines.append(table(["reader (1 thread, float16 128³)", "patches/s", "vs .npy memmap"],
