@@ -10,13 +10,12 @@ CACHE   ?= data_cache
 JOBS    ?= -1
 PREPROCESS_ARGS ?=
 
-# training stage
+# training stage: with no TRAIN_ARGS, `make train` trains what `python -m train` trains on this device
+# (the device's recipe); the demo passes its own small settings (DEMO_TRAIN_ARGS)
 RUN     ?= runs/demo
-PRESET  ?= small
-PATCH   ?= 64 64 64
-EPOCHS  ?= 8
-ITERS   ?= 40
-TRAIN_ARGS ?= --optimizer adamw --lr 3e-3 --val-every 2
+TRAIN_ARGS ?=
+DEMO_TRAIN_ARGS ?= --preset small --patch-size 64 64 64 --epochs 8 --iters-per-epoch 40 --optimizer adamw \
+	--lr 3e-3 --val-every 2 --overwrite
 
 # prediction and evaluation
 IN      ?= $(DEMO_VAL)
@@ -33,7 +32,7 @@ DEMO_SEED  ?= 0
 DEMO_VAL_CASES ?= 4
 DEMO_VAL   ?= data/synthetic-val
 
-.PHONY: help setup synthetic preprocess cache-info cache-verify train predict evaluate evaluate-run demo test typecheck bench bench-quality clean-demo
+.PHONY: help setup synthetic preprocess cache-info cache-verify train cv predict evaluate evaluate-run demo test typecheck lint bench bench-quality clean-demo
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -60,9 +59,11 @@ cache-info:  ## cases, shapes, label counts and size of the cache under CACHE
 cache-verify:  ## read every cached case and check it against its attributes
 	$(PYTHON) -m pipeline.cache verify $(CACHE)
 
-train:  ## train PRESET on the cache under CACHE into RUN (add --resume via TRAIN_ARGS)
-	$(PYTHON) -m train --cache-dir $(CACHE) --run-dir $(RUN) --preset $(PRESET) --patch-size $(PATCH) \
-		--epochs $(EPOCHS) --iters-per-epoch $(ITERS) $(TRAIN_ARGS)
+train:  ## train the device's recipe on CACHE into RUN (settings, --resume or --overwrite via TRAIN_ARGS)
+	$(PYTHON) -m train --cache-dir $(CACHE) --run-dir $(RUN) $(TRAIN_ARGS)
+
+cv:  ## cross-validation on CACHE into RUN: every fold, then all, then post-processing (settings via TRAIN_ARGS)
+	$(PYTHON) -m train.cv --cache-dir $(CACHE) --run-dir $(RUN) $(TRAIN_ARGS)
 
 predict:  ## segment the raw case folders in IN with RUN's best checkpoint into OUT
 	$(PYTHON) -m train.predict --run $(RUN) --input $(IN) --output $(OUT) $(PREDICT_ARGS)
@@ -76,21 +77,25 @@ evaluate-run:  ## predict and evaluate RUN's validation cases straight from the 
 demo: setup  ## fresh machine -> the whole job on synthetic data (about 6 minutes on 2 CPU cores)
 	$(MAKE) --no-print-directory preprocess PYTHON=$(VENV)/bin/python
 	$(MAKE) --no-print-directory cache-info PYTHON=$(VENV)/bin/python
-	$(MAKE) --no-print-directory train PYTHON=$(VENV)/bin/python
+	$(MAKE) --no-print-directory train PYTHON=$(VENV)/bin/python TRAIN_ARGS="$(DEMO_TRAIN_ARGS)"
 	$(MAKE) --no-print-directory predict PYTHON=$(VENV)/bin/python
 	$(MAKE) --no-print-directory evaluate PYTHON=$(VENV)/bin/python
 
-test:  ## the type check, then the test suite (CPU, about 4 minutes)
+test:  ## the type check and the linter, then the test suite (CPU, about 5 minutes)
 	$(MAKE) --no-print-directory typecheck PYTHON=$(PYTHON)
+	$(MAKE) --no-print-directory lint PYTHON=$(PYTHON)
 	$(PYTHON) -m pytest -q
 
-typecheck:  ## mypy --strict on the shared library (settings in pyproject.toml)
+typecheck:  ## mypy --strict on pipeline, preprocess and train (settings in pyproject.toml)
 	$(PYTHON) -m mypy
 
-bench:  ## benchmarks recorded in docs/benchmarks.md (slow: about 2.5 hours, 70 minutes of it the quality section)
+lint:  ## ruff: pyflakes, import order, bugbear, pyupgrade (settings in pyproject.toml)
+	$(PYTHON) -m ruff check .
+
+bench:  ## benchmarks recorded in docs/benchmarks.md (slow: about 3.5 hours, 2 of them the quality section)
 	$(PYTHON) -m benchmarks.run
 
-bench-quality:  ## the CPU recipe trained 35 minutes per fold on the real cases, scored on the held-out fold
+bench-quality:  ## 3-fold cross-validation of the CPU recipe on the 17 real cases, 35 min per fold (resumable)
 	$(PYTHON) -m benchmarks.run --only quality
 
 clean-demo:  ## remove the synthetic data and caches made by the demo

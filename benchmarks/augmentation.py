@@ -60,7 +60,7 @@ def ours(cache_dir: Path, patches: int, on_cpu: bool) -> dict[str, Any]:
     batches = make_batches("threads", ds, 0, steps + 1, BATCH, 1)
     next(batches)  # warm
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    for step, batch in enumerate(batches):
+    for batch in batches:
         if on_cpu:
             augment_batch(batch, level, sample_generators(0, batch["index"].tolist()), torch.device("cpu"))
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
@@ -111,7 +111,8 @@ def transform_costs(reps: int = 3) -> dict[str, float]:
     """CPU milliseconds of each costly step of :mod:`train.augment` alone, one thread, on a 4x128³ float32
     sample (spatial steps: from the float16 region that a 20° rotation of every axis at scale 1.1 needs,
     or a scaling of 1.3 alone), best of ``reps``."""
-    from train.augment import _blur, _gamma, brain_of, rotation_matrix, warp_region
+    from train.augment import brain_of, rotation_matrix, warp_region
+    from train.augment.intensity import _blur, _gamma
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn((4, *PATCH), generator=gen)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,7 @@ def augmentation_ms(cache_dir: Path, patch: tuple[int, int, int], batch: int, re
         batches = _batches(cache_dir, patch, level, batch, reps + 2, pin=device.type == "cuda")
         it = iter(batches)
 
-        def one() -> None:
+        def one(it: Iterator[dict[str, Any]] = it, level: str = level) -> None:
             b = next(it)
             augment_batch(b, LEVELS[level], sample_generators(0, b["index"].tolist()), device)
 

@@ -1,40 +1,56 @@
-"""Quality on real cases: a recipe trained under a time budget, scored on real cases it never saw.
+"""Quality on real cases by k-fold cross-validation over the seventeen labelled real cases.
 
 ``python -m benchmarks.quality`` (also the ``quality`` section of ``make
-bench``) preprocesses the eight labelled real cases, then for each candidate
-recipe and each fold of a 2-fold split (4 training / 4 held-out cases) trains
-with ``--time-budget``, predicts the held-out cases (with and without test-time
-mirroring), and scores them with the BraTS definitions (Dice, HD95 per region),
-before and after the post-processing chosen on the other fold's predictions
-(and, in sample, with the choice made on all of them pooled, which is what a
-recipe's runs start with). Class maps are kept in the work folder so
-post-processing can be re-chosen.
+bench``, and ``make bench-quality``) preprocesses the labelled real cases
+(BraTS 2018, 2019 and 2021), then for each candidate recipe and each of k
+folds (every case held out exactly once) trains with ``--time-budget`` on the
+other folds, predicts the held-out cases (with and without test-time
+mirroring) and scores them with the BraTS definitions (Dice, HD95 per region).
+
+Nothing is chosen on the cases it is scored on: the recipe is fixed before
+the folds run, and the post-processing of fold f is chosen on the
+out-of-fold predictions of the other folds only (nested). The figures are
+cross-validation on the training set, not a test: every one comes with the
+standard deviation over cases and a 95 % interval of the mean, and the
+low-grade cases are reported apart. A killed run resumes: a fold whose
+training was cut short continues from its last checkpoint, a finished fold
+and its saved class maps are reused.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from joblib import Parallel, delayed
+from scipy import stats
 
 from benchmarks.common import shared_data_dir, table
+from pipeline.brats import REGIONS
 from pipeline.cache import PreprocessConfig, open_cache, open_case
+from pipeline.device import resolve_device
+from pipeline.inference import probs_to_labels
 from pipeline.metrics import evaluate_case
 from pipeline.postprocess import PostProcessing, apply, choose
 from preprocess.run import run_preprocess
+from train.checkpoint import load_checkpoint
 from train.config import TrainConfig
 from train.dataset import split_cases
-from pipeline.device import resolve_device
 from train.predict import PredictConfig, load_cached_input, load_predictor, predict_probabilities
-from train.checkpoint import load_checkpoint
-from pipeline.inference import probs_to_labels
+from train.run import RunDir
 
-REAL = ("brats_real", "brats_real_2021")
+#: Folders of ``../shared/data`` whose cases are the real training set.
+REAL = ("brats_real", "brats_real_2021", "brats_real_2018")
+#: The low-grade gliomas among them (BraTS 2018's LGG folder); the others are high-grade or, for BraTS
+#: 2021 (which publishes no grade), of unknown grade.
+LOW_GRADE = frozenset({"Brats18_TCIA10_637_1", "Brats18_TCIA10_639_1"})
 
 #: Candidate recipes: TrainConfig overrides (everything else from the CPU recipe).
 CANDIDATES: dict[str, dict[str, Any]] = {
@@ -43,26 +59,24 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "medium": dict(preset="medium", optimizer="adam", lr=1e-3),
     "aug-nnunet": dict(augment="nnunet"),
     "fg-0.33": dict(p_fg=0.33),
-    "before": dict(preset="small", patch_size=(96, 96, 96), batch_size=2, optimizer="adamw", lr=3e-3, augment="light",
-                   schedule="poly", p_fg=0.33, amp="none", channels_last=False),
 }
 
 
 def real_cases(workdir: Path) -> Path:
-    """A folder of links to the eight labelled real cases (the cache reads through them)."""
+    """A folder of links to the labelled real cases (the cache reads through them)."""
     raw = workdir / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     for name in REAL:
         for case in sorted((shared_data_dir() / name).iterdir()):
             link = raw / case.name
-            if not link.exists():
+            if case.is_dir() and not link.exists():
                 link.symlink_to(case.resolve(), target_is_directory=True)
     return raw
 
 
 def predict_fold(run: Path, cache: Path, ids: list[str], mirror: bool) -> dict[str, np.ndarray]:
     """Class maps (x, y, z) uint8 of the held-out ``ids`` from the run's final weights."""
-    state = load_checkpoint(run / "last.pt")
+    state = load_checkpoint(RunDir(run).last)
     cfg = PredictConfig(mirror=mirror, device="cpu")
     predictor = load_predictor(state, resolve_device("cpu"))
     out = {}
@@ -72,83 +86,176 @@ def predict_fold(run: Path, cache: Path, ids: list[str], mirror: bool) -> dict[s
     return out
 
 
-def score(preds: dict[str, np.ndarray], cache: Path, post: PostProcessing | None = None) -> list[dict[str, float]]:
+def score(preds: dict[str, np.ndarray], cache: Path, post: PostProcessing | None = None) -> list[dict[str, Any]]:
+    """Per-case BraTS metrics of class maps, after ``post`` when given."""
     rows = []
     for cid, pred in sorted(preds.items()):
         case = open_case(cache, cid)
         label = apply(pred, post) if post else pred
-        rows.append({"case_id": cid, **evaluate_case(label, case.read_label(), (1.0, 1.0, 1.0))})
+        rows.append({"case_id": cid, "grade": "LGG" if cid in LOW_GRADE else "HGG/unknown",
+                     **evaluate_case(label, case.read_label(), (1.0, 1.0, 1.0))})
     return rows
 
 
-def mean(rows: list[dict[str, Any]], key: str) -> float:
-    return float(np.mean([r[key] for r in rows]))
+def case_mean(row: dict[str, Any]) -> float:
+    """Mean Dice over the three regions of one case."""
+    return float(np.mean([row[f"Dice_{r}"] for r in REGIONS]))
 
 
-def run_candidate(name: str, overrides: dict[str, Any], cache: Path, workdir: Path, budget: float,
-                  folds: list[int], mirror: bool) -> dict[str, Any]:
-    """Train and predict every fold of one candidate; returns per-case metrics and post-processing."""
+def interval(values: Sequence[float], level: float = 0.95) -> dict[str, float]:
+    """Mean, sd over cases and a Student-t interval of the mean (cases as independent draws)."""
+    x = np.asarray(values, dtype=np.float64)
+    n, m = len(x), float(np.mean(x)) if len(x) else math.nan
+    sd = float(np.std(x, ddof=1)) if n > 1 else math.nan
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n)) if n > 1 else math.nan
+    return {"n": n, "mean": m, "sd": sd, "low": m - half, "high": m + half}
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean, sd and 95 % interval of every region's Dice and HD95 and of the case mean Dice."""
+    out: dict[str, Any] = {"mean_dice": interval([case_mean(r) for r in rows])}
+    for r in REGIONS:
+        out[f"Dice_{r}"] = interval([row[f"Dice_{r}"] for row in rows])
+        out[f"HD95_{r}"] = interval([row[f"HD95_{r}"] for row in rows])
+    return out
+
+
+def rule_effect(before: list[dict[str, Any]], after: list[dict[str, Any]], tol: float = 1e-4) -> dict[str, Any]:
+    """How many cases post-processing helped and hurt (case mean Dice), and which."""
+    pairs = [(b["case_id"], case_mean(a) - case_mean(b)) for b, a in zip(before, after, strict=True)]
+    return {"helped": sorted(c for c, d in pairs if d > tol), "hurt": sorted(c for c, d in pairs if d < -tol),
+            "deltas": {c: round(d, 4) for c, d in pairs}}
+
+
+def fold_runs(name: str, overrides: dict[str, Any], cache: Path, workdir: Path, budget: float, n_folds: int,
+              folds: list[int], mirror: bool) -> tuple[dict[int, dict[str, dict[str, np.ndarray]]], dict[str, Any]]:
+    """Train (or resume, or reuse) every fold of one candidate and predict its held-out cases.
+
+    Returns:
+        ({fold: {"plain"|"mirror": {case: class map}}}, per-fold records).
+    """
     from train.trainer import fit
 
     ids = open_cache(cache).case_ids
-    preds: dict[str, dict[str, np.ndarray]] = {}
-    info: dict[str, Any] = {"overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
-                            "folds": {}}
+    preds: dict[int, dict[str, dict[str, np.ndarray]]] = {}
+    info: dict[str, Any] = {}
     for fold in folds:
-        train_ids, val_ids = split_cases(ids, 2, fold)
-        run = workdir / "runs" / f"{name}-fold{fold}"
+        train_ids, val_ids = split_cases(ids, n_folds, fold)
+        run = workdir / "runs" / f"{name}-k{n_folds}-fold{fold}"
+        done = run / "benchmark_done.json"
         t0 = time.perf_counter()
-        if not (run / "last.pt").exists():
-            cfg = TrainConfig(cache_dir=str(cache), run_dir=str(run), fold=fold, n_folds=2, time_budget=budget,
-                              device="cpu", val_every=10**6, **overrides)
-            fit(cfg, progress=False)
-        state = load_checkpoint(run / "last.pt")
-        trained = time.perf_counter() - t0
+        if not done.exists() and RunDir(run).last.is_file() and \
+                float(load_checkpoint(RunDir(run).last)["elapsed_s"]) >= budget * 60.0:
+            done.write_text(json.dumps({"finished": "before this record was kept; its budget is spent"}))
+        if not done.exists():
+            cfg = TrainConfig(cache_dir=str(cache), run_dir=str(run), fold=fold, n_folds=n_folds,
+                              time_budget=budget, device="cpu", val_every=10**6, **overrides)
+            resume = RunDir(run).last.is_file()
+            print(f"{name} fold {fold}/{n_folds}: {'resuming' if resume else 'training'} on {len(train_ids)} "
+                  f"cases, {budget:g} min", flush=True)
+            fit(cfg, resume=resume, overwrite=not resume, progress=False)
+            done.write_text(json.dumps({"finished": time.time()}))
+        state = load_checkpoint(RunDir(run).last)
+        preds[fold] = {}
         for tta in sorted({False, mirror}):
-            key = f"fold{fold}-{'mirror' if tta else 'plain'}"
-            saved = workdir / "runs" / f"{name}-{key}.npz"
-            if saved.exists() and saved.stat().st_mtime > (run / "last.pt").stat().st_mtime:
-                preds[key] = dict(np.load(saved))  # predictions of these weights, kept from an earlier run
+            tag = "mirror" if tta else "plain"
+            saved = run / f"predictions-{tag}.npz"
+            if saved.exists() and saved.stat().st_mtime > RunDir(run).last.stat().st_mtime:
+                with np.load(saved) as z:
+                    preds[fold][tag] = {k: z[k] for k in z.files}  # class maps of these weights, kept
             else:
-                preds[key] = predict_fold(run, cache, val_ids, tta)
-                np.savez_compressed(saved, **preds[key])
-        info["folds"][fold] = {"train": train_ids, "val": val_ids, "steps": int(state["step"]),
-                               "elapsed_s": round(float(state["elapsed_s"]), 1), "wall_s": round(trained, 1),
-                               "config": state["train_config"]}
-    for tta in sorted({False, mirror}):
-        tag = "mirror" if tta else "plain"
-        by_fold = {f: preds[f"fold{f}-{tag}"] for f in folds}
-        rows = [r for f in folds for r in score(by_fold[f], cache)]
-        # post-processing for fold f is chosen on the other folds' predictions only
-        post_rows = []
-        for f in folds:
-            others = {c: p for g in folds if g != f for c, p in by_fold[g].items()}
-            chosen = choose(others, {c: open_case(cache, c).read_label() for c in others}) if others else None
-            post_rows += score(by_fold[f], cache, chosen)
-        all_preds = {c: p for f in folds for c, p in by_fold[f].items()}
-        pooled = choose(all_preds, {c: open_case(cache, c).read_label() for c in all_preds})
-        info[tag] = {"cases": rows, "postprocessed_cases": post_rows, "postprocessing_all_folds": pooled.to_dict(),
-                     # the pooled choice applied to the cases that chose it: in sample, so optimistic
-                     "pooled_postprocessed_cases": score(all_preds, cache, pooled)}
-    return info
+                t1 = time.perf_counter()
+                preds[fold][tag] = predict_fold(run, cache, val_ids, tta)
+                np.savez_compressed(saved, **preds[fold][tag])
+                print(f"{name} fold {fold}: {tag} predictions of {len(val_ids)} cases in "
+                      f"{time.perf_counter() - t1:.0f} s", flush=True)
+        info[str(fold)] = {"train": train_ids, "val": val_ids, "steps": int(state["step"]),
+                           "elapsed_s": round(float(state["elapsed_s"]), 1),
+                           "wall_s_this_call": round(time.perf_counter() - t0, 1), "config": state["train_config"]}
+    return preds, info
 
 
-def summary_rows(results: dict[str, Any]) -> list[list[object]]:
-    rows = []
-    for name, info in results.items():
-        for tag in ("plain", "mirror"):
-            if tag not in info:
+def _choose_on(cache: Path, preds: dict[str, np.ndarray]) -> PostProcessing:
+    return choose(preds, {c: open_case(cache, c).read_label() for c in preds})
+
+
+def nested_scores(by_fold: dict[int, dict[str, np.ndarray]], cache: Path, jobs: int = 2,
+                  choose_post: bool = True) -> dict[str, Any]:
+    """Scores without and, when ``choose_post``, with post-processing chosen, for each fold, on the other
+    folds' predictions only (the choices run in parallel, ``jobs`` processes)."""
+    rows = [r for f in sorted(by_fold) for r in score(by_fold[f], cache)]
+    if not choose_post:
+        return {"cases": rows}
+    every = {c: p for f in by_fold for c, p in by_fold[f].items()}
+    inputs = [{c: p for g in by_fold if g != f for c, p in by_fold[g].items()} for f in sorted(by_fold)]
+    # the last choice, on every case, is what a recipe's runs start with; scored on the cases that chose it
+    chosen = Parallel(n_jobs=jobs)(delayed(_choose_on)(cache, p) for p in [*inputs, every])
+    post_rows, choices = [], {}
+    for f, post in zip(sorted(by_fold), chosen):
+        choices[str(f)] = {"rule": post.describe(), "settings": post.to_dict()}
+        post_rows += score(by_fold[f], cache, post)
+    pooled = chosen[-1]
+    return {"cases": rows, "postprocessed_cases": post_rows, "postprocessing_by_fold": choices,
+            "postprocessing_effect": rule_effect(rows, post_rows), "pooled_choice": pooled.to_dict(),
+            "pooled_in_sample_cases": score(every, cache, pooled)}
+
+
+def fmt(iv: dict[str, float], digits: int = 3) -> str:
+    return f"{iv['mean']:.{digits}f} [{iv['low']:.{digits}f}, {iv['high']:.{digits}f}]"
+
+
+def summary_rows(name: str, info: dict[str, Any]) -> list[list[object]]:
+    """Markdown rows: each TTA and post-processing variant, all cases and each grade apart."""
+    rows: list[list[object]] = []
+    for tag in ("plain", "mirror"):
+        if tag not in info:
+            continue
+        for label, key in (("", "cases"), (" + post (nested)", "postprocessed_cases"),
+                           (" + pooled post (in sample, optimistic)", "pooled_in_sample_cases")):
+            if key not in info[tag]:
                 continue
-            variants = [("", info[tag]["cases"]), (" + post", info[tag]["postprocessed_cases"])]
-            if "pooled_postprocessed_cases" in info[tag]:
-                variants.append((" + pooled post (in sample)", info[tag]["pooled_postprocessed_cases"]))
-            for label, cases in variants:
-                dice = [mean(cases, f"Dice_{r}") for r in ("WT", "TC", "ET")]
-                sd = [float(np.std([np.mean([c[f"Dice_{r}"] for r in ("WT", "TC", "ET")]) for c in cases]))]
-                hd = [mean(cases, f"HD95_{r}") for r in ("WT", "TC", "ET")]
-                rows.append([f"{name} {tag}{label}", " / ".join(f"{d:.3f}" for d in dice), f"{np.mean(dice):.3f}",
-                             f"{sd[0]:.3f}", " / ".join(f"{h:.1f}" for h in hd)])
+            cases = info[tag][key]
+            for group, sel in (("all", cases), ("LGG", [c for c in cases if c["grade"] == "LGG"]),
+                               ("HGG/unknown", [c for c in cases if c["grade"] != "LGG"])):
+                if not sel:
+                    continue
+                s = summarise(sel)
+                rows.append([f"{name} {tag}{label}", f"{group} ({len(sel)})",
+                             " / ".join(f"{s[f'Dice_{r}']['mean']:.3f}" for r in REGIONS), fmt(s["mean_dice"]),
+                             f"{s['mean_dice']['sd']:.3f}",
+                             " / ".join(f"{s[f'HD95_{r}']['mean']:.1f}" for r in REGIONS)])
     return rows
+
+
+def case_table(info: dict[str, Any], tag: str = "mirror") -> list[list[object]]:
+    """Markdown rows, one per case: fold, grade, Dice per region without and with the nested post-processing."""
+    folds = {c: f for f, rec in info["folds"].items() for c in rec["val"]}
+    plain = {r["case_id"]: r for r in info[tag]["cases"]}
+    post = {r["case_id"]: r for r in info[tag]["postprocessed_cases"]}
+    rows: list[list[object]] = []
+    for cid in sorted(plain, key=lambda c: (folds[c], c)):
+        rows.append([cid, folds[cid], plain[cid]["grade"],
+                     " / ".join(f"{plain[cid][f'Dice_{r}']:.3f}" for r in REGIONS),
+                     " / ".join(f"{post[cid][f'Dice_{r}']:.3f}" for r in REGIONS),
+                     " / ".join(f"{post[cid][f'HD95_{r}']:.1f}" for r in REGIONS)])
+    return rows
+
+
+def rule_table(info: dict[str, Any], tag: str = "mirror") -> list[list[object]]:
+    """Markdown rows, one per fold: the post-processing chosen on the other folds, cases it helped and hurt."""
+    effect = info[tag]["postprocessing_effect"]
+    rows: list[list[object]] = []
+    for fold, choice in sorted(info[tag]["postprocessing_by_fold"].items()):
+        ids = info["folds"][fold]["val"]
+        helped = [c for c in effect["helped"] if c in ids]
+        hurt = [c for c in effect["hurt"] if c in ids]
+        rows.append([fold, choice["rule"], len(helped), len(hurt),
+                     ", ".join(f"{c} ({effect['deltas'][c]:+.3f})" for c in hurt) or "-"])
+    return rows
+
+
+HEADERS = ["recipe (TTA, post-processing)", "cases", "Dice WT / TC / ET", "mean Dice [95 % interval]",
+           "sd over cases", "HD95 WT / TC / ET (mm)"]
 
 
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -157,31 +264,49 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     summary = run_preprocess(real_cases(workdir), workdir / "cache", PreprocessConfig(), jobs=2, progress=False)
     if not summary.ok:
         raise RuntimeError(summary.report())
-    names = getattr(args, "candidates", None) or list(CANDIDATES)
+    names = getattr(args, "candidates", None) or ["recipe"]
     budget = float(getattr(args, "budget", 35.0))
-    folds = list(getattr(args, "folds", [0, 1]))
+    n_folds = int(getattr(args, "n_folds", 3))
+    folds = list(getattr(args, "folds", None) or range(n_folds))
     mirror = bool(getattr(args, "mirror", True))
-    results: dict[str, Any] = {}
     path = workdir / "quality.json"
-    if path.exists():
-        results = json.loads(path.read_text())
+    results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     for name in names:
-        results[name] = run_candidate(name, CANDIDATES[name], summary.cache_dir, workdir, budget, folds, mirror)
-        results[name]["budget_min"] = budget
+        preds, folds_info = fold_runs(name, CANDIDATES[name], summary.cache_dir, workdir, budget, n_folds, folds,
+                                      mirror)
+        info: dict[str, Any] = {"overrides": {k: list(v) if isinstance(v, tuple) else v
+                                              for k, v in CANDIDATES[name].items()},
+                                "budget_min": budget, "n_folds": n_folds, "folds": folds_info}
+        main_tag = "mirror" if mirror else "plain"  # what train.predict does by default
+        for tag in sorted({"plain", main_tag}):
+            # post-processing is chosen (nested) for the default predictions; the others are scored as they are
+            info[tag] = nested_scores({f: preds[f][tag] for f in folds}, summary.cache_dir,
+                                      choose_post=tag == main_tag)
+            for key in ("cases", "postprocessed_cases", "pooled_in_sample_cases"):
+                if key in info[tag]:
+                    info[tag][f"summary_{key}"] = summarise(info[tag][key])
+        results[name] = info
         path.write_text(json.dumps(results, indent=2, default=str))
-        print(table(["recipe (TTA, post-processing)", "Dice WT / TC / ET", "mean", "sd of case means",
-                     "HD95 WT / TC / ET (mm)"], summary_rows({name: results[name]})), flush=True)
+        print(table(HEADERS, summary_rows(name, info)), flush=True)
+        tag = "mirror" if mirror else "plain"
+        print(table(["case", "fold", "grade", f"Dice WT / TC / ET ({tag})", "+ post (nested)",
+                     "HD95 WT / TC / ET + post (mm)"], case_table(info, tag)), flush=True)
+        print(table(["fold", "post-processing chosen on the other folds", "cases helped", "hurt",
+                     "hurt (case mean Dice change)"], rule_table(info, tag)), flush=True)
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--work-dir", type=Path, default=Path("bench_work/quality"))
-    p.add_argument("--candidates", nargs="+", choices=list(CANDIDATES), help="default: all")
+    p.add_argument("--candidates", nargs="+", choices=list(CANDIDATES), help="default: the CPU recipe")
     p.add_argument("--budget", type=float, default=35.0, help="training minutes per fold (default 35)")
-    p.add_argument("--folds", type=int, nargs="+", default=[0, 1], choices=[0, 1])
+    p.add_argument("--n-folds", type=int, default=3, help="folds of the cross-validation (default 3)")
+    p.add_argument("--folds", type=int, nargs="+", help="run only these folds (default: all)")
     p.add_argument("--no-mirror", dest="mirror", action="store_false", help="skip the mirrored predictions")
     args = p.parse_args(argv)
+    if args.n_folds < 2 or any(not 0 <= f < args.n_folds for f in args.folds or []):
+        p.error(f"--n-folds must be >= 2 and every --folds in 0..{args.n_folds - 1}")
     run(args, args.work_dir)
     return 0
 

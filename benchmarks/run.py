@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
                    "average to fall below 1 (default 0: start at once)")
     p.add_argument("--budget", type=float, default=35.0,
                    help="quality: training minutes per fold and candidate recipe (default 35)")
+    p.add_argument("--n-folds", type=int, default=3,
+                   help="quality: folds of the cross-validation over the real cases (default 3)")
     p.add_argument("--candidates", nargs="+", default=["recipe"], metavar="NAME",
                    help="quality: candidate recipes of benchmarks/quality.py (default: the CPU recipe)")
     p.add_argument("--no-compile", action="store_true",
@@ -108,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _check(args, parser)
     out = args.out or args.work_dir / "results.json"
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    record = {"command": command_line(argv), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    record = {"command": command_line(argv), "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
               "machine": machine_facts()}
     m = record["machine"]
     print(f"# Benchmarks\n\ncommand: `{record['command']}`  \ndate: {record['date']}  \n"
@@ -119,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results.setdefault("sections", {})
     for name in args.only or list(SECTIONS):
         idle = wait_for_idle(args.wait_idle) if args.wait_idle > 0 else {"load_at_start": load_average()}
-        started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        started = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
         # Code is imported and the tree described when the section starts (others may edit meanwhile).
         tree = {"git_commit": git_commit(), **working_tree()}
         print(f"## {name}\n\nstarted {started}, 1-minute load average {idle['load_at_start']}, "

@@ -11,9 +11,26 @@ enhancing tumour ET = {3}.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from pipeline.errors import CaseError
+
+#: What a case id (or a run id) may be: a name, never a path. Letters, digits, "_", "-" and "." (no
+#: ".."), starting with a letter or digit, at most 128 characters; every BraTS edition's ids fit.
+CASE_ID = re.compile(r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+def check_case_id(case_id: object, where: str | None = None, what: str = "case id") -> str:
+    """``case_id`` if it is a name (:data:`CASE_ID`), else a CaseError naming where it came from."""
+    if isinstance(case_id, str) and CASE_ID.match(case_id):
+        return case_id
+    shown = repr(case_id)[:80]
+    raise CaseError(shown, where, f"{what} is not a name (letters, digits, '_', '-', '.', no '..', starting with a "
+                                  "letter or digit): refused, it could name a path")
+
 
 #: Canonical channel order of every image array in the project.
 MODALITIES: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")

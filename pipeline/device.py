@@ -23,9 +23,10 @@ def resolve_device(name: str) -> torch.device:
 def cpu_bf16() -> bool:
     """Whether this CPU runs bf16 convolutions natively (oneDNN with AMX or AVX512-BF16).
 
-    There, bf16 autocast with channels-last tensors trains a 3D U-Net 2.3-3.8x
-    faster than float32 (docs/benchmarks.md); elsewhere bf16 is emulated
-    and slower, so the CPU recipe stays in float32.
+    There, bf16 autocast with channels-last tensors trains a 3D U-Net
+    several times faster than float32 (docs/benchmarks.md, "CPU training
+    step"); elsewhere bf16 is emulated and slower, so the CPU recipe stays in
+    float32.
     """
     try:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())  # type: ignore[no-untyped-call]

@@ -37,3 +37,11 @@ class ConfigError(PipelineError, ValueError):
 
 class CheckpointError(PipelineError, ValueError):
     """A checkpoint cannot be read or does not match what is asked of it."""
+
+
+class LockedError(PipelineError, RuntimeError):
+    """A folder one process at a time may write is in use by another (its lock names which)."""
+
+
+class RunDirError(PipelineError, FileExistsError):
+    """A run folder holds another run, or lacks the run a command needs."""

@@ -56,7 +56,8 @@ def ground_truth_lesions(gt: np.ndarray, dilation: int = DILATION) -> tuple[np.n
 
 
 def region_scores(pred: np.ndarray, gt: np.ndarray, spacing: Spacing = (1.0, 1.0, 1.0),
-                  dilation: int = DILATION, min_volume: float = MIN_VOLUME_MM3) -> dict[str, float]:
+                  dilation: int = DILATION, min_volume: float = MIN_VOLUME_MM3, hd95_method: str = "brats"
+                  ) -> dict[str, float]:
     """Lesion-wise scores of one region of one case.
 
     Args:
@@ -65,6 +66,7 @@ def region_scores(pred: np.ndarray, gt: np.ndarray, spacing: Spacing = (1.0, 1.0
         spacing: voxel size in mm.
         dilation: dilation iterations for merging and matching.
         min_volume: lesions of at most this volume (mm³) are not scored.
+        hd95_method: "brats" (the organisers') or "pooled" (:func:`pipeline.metrics.hd95`).
 
     Returns:
         ``dice``, ``hd95`` (lesion-wise), ``tp`` (scored lesions found), ``fn``
@@ -87,7 +89,7 @@ def region_scores(pred: np.ndarray, gt: np.ndarray, spacing: Spacing = (1.0, 1.0
         if len(hits):
             found = np.isin(components, hits)
             dices.append(dice(found, lesion))
-            hds.append(hd95(found, lesion, spacing))
+            hds.append(hd95(found, lesion, spacing, hd95_method))
             tp += 1
         else:
             dices.append(0.0)
@@ -102,8 +104,8 @@ def region_scores(pred: np.ndarray, gt: np.ndarray, spacing: Spacing = (1.0, 1.0
             "tp": float(tp), "fn": float(fn), "fp": float(fp)}
 
 
-def lesion_wise(pred_label: np.ndarray, gt_label: np.ndarray, spacing: Spacing = (1.0, 1.0, 1.0)
-                ) -> dict[str, float]:
+def lesion_wise(pred_label: np.ndarray, gt_label: np.ndarray, spacing: Spacing = (1.0, 1.0, 1.0),
+                hd95_method: str = "brats") -> dict[str, float]:
     """Lesion-wise metrics of a case for every region.
 
     Args:
@@ -117,7 +119,7 @@ def lesion_wise(pred_label: np.ndarray, gt_label: np.ndarray, spacing: Spacing =
     p, g = region_masks(pred_label), region_masks(gt_label)
     row: dict[str, float] = {}
     for name in REGIONS:
-        s = region_scores(p[name], g[name], spacing)
+        s = region_scores(p[name], g[name], spacing, hd95_method=hd95_method)
         row.update({f"LesionDice_{name}": s["dice"], f"LesionHD95_{name}": s["hd95"], f"LesionTP_{name}": s["tp"],
                     f"LesionFN_{name}": s["fn"], f"LesionFP_{name}": s["fp"]})
     return row

@@ -4,10 +4,11 @@ Pure numpy + ``scipy.ndimage``. Labels are the project's contiguous classes
 (0 background, 1 necrosis, 2 oedema, 3 enhancing tumour); raw BraTS 2018-2021
 files use 4 for ET and must be mapped to 3 by the caller first.
 
-Empty-mask conventions follow the BraTS challenge (as reproduced by nnU-Net):
-prediction and reference both empty -> Dice 1, HD95 0; exactly one empty ->
-Dice 0, HD95 373.13 mm (the diagonal of the 240x240x155 1 mm BraTS grid).
-MONAI's ``DiceMetric`` returns NaN and its Hausdorff metric inf/NaN there.
+Empty-mask conventions follow the BraTS challenge: prediction and reference
+both empty -> Dice 1, HD95 0; exactly one empty -> Dice 0, HD95 374 mm (373.13,
+the diagonal of the 240x240x155 1 mm grid, with the pooled HD95 of the BraTS
+toolkit). MONAI's ``DiceMetric`` returns NaN and its Hausdorff metric inf/NaN
+there. :func:`hd95` says which HD95 the challenge, nnU-Net and MONAI compute.
 """
 
 from __future__ import annotations
@@ -20,8 +21,13 @@ from scipy import ndimage
 
 from pipeline.brats import CLASS_NAMES, NUM_CLASSES, REGIONS, region_masks
 from pipeline.errors import ConfigError
+from pipeline.surface import surfel_areas
 
-HD95_EMPTY = 373.13
+#: HD95 when exactly one mask is empty, as the BraTS 2023+ evaluation code scores it.
+HD95_EMPTY = 374.0
+#: The same for ``method="pooled"``: the diagonal of the 240x240x155 1 mm BraTS grid (the BraTS toolkit's).
+HD95_EMPTY_POOLED = 373.13
+HD95_METHODS = ("brats", "pooled")
 
 Spacing = Sequence[float]
 
@@ -44,43 +50,78 @@ def dice(pred: np.ndarray, gt: np.ndarray) -> float:
     return 2.0 * overlap / (n_pred + n_gt)
 
 
-def hd95(pred: np.ndarray, gt: np.ndarray, spacing: Spacing = (1.0, 1.0, 1.0)) -> float:
-    """95th percentile of the symmetric surface distance, in mm.
+def hd95(pred: np.ndarray, gt: np.ndarray, spacing: Spacing = (1.0, 1.0, 1.0), method: str = "brats") -> float:
+    """The 95th-percentile Hausdorff distance in mm, as the BraTS organisers compute it (or, by name, pooled).
 
-    Definition (MedPy ``hd95``, used by nnU-Net and the BraTS toolkit): the
-    surface of a mask is the mask minus its erosion by the 6-connected cross
-    (voxels on the volume edge count as surface). The distances from every
-    prediction-surface voxel to the nearest reference-surface voxel and from
-    every reference-surface voxel to the nearest prediction-surface voxel are
-    pooled into one list, whose 95th percentile (``np.percentile``, linear
-    interpolation) is returned. The work is done on the union bounding box
-    plus a 1-voxel margin, which gives exactly the full-volume result.
+    ``method="brats"`` (the default; the BraTS 2023+ evaluation code, through DeepMind's
+    ``surface_distance.compute_robust_hausdorff``): a mask's surface is its 2x2x2 neighbourhoods that
+    hold both tumour and background, each weighted by the area of the marching-cubes surface inside it
+    (:mod:`pipeline.surface`, scaled to ``spacing``); for each direction (reference surface to the
+    prediction's, and back) the distances are sorted and the first whose cumulative area share reaches
+    95 % is taken; the larger of the two is returned. Both masks empty: 0; exactly one: 374
+    (:data:`HD95_EMPTY`).
+
+    ``method="pooled"`` (MedPy's ``hd95``, which nnU-Net v1 and the BraTS toolkit used): the surface is the
+    mask minus its 6-connected erosion, the distances of both directions are pooled into one list and
+    its 95th percentile (linear interpolation) is returned; one empty mask: 373.13
+    (:data:`HD95_EMPTY_POOLED`). MONAI's ``compute_hausdorff_distance(percentile=95)`` is a third
+    definition (each direction's unweighted percentile, the larger).
+
+    The work is done on the union bounding box plus a margin, which gives the full-volume result.
 
     Args:
         pred: (X, Y, Z) bool mask.
         gt: (X, Y, Z) bool mask.
-        spacing: voxel size in mm along X, Y, Z.
-
-    Returns:
-        HD95 in mm; 0.0 when both masks are empty, ``HD95_EMPTY`` (373.13)
-        when exactly one is.
+        spacing: voxel size in mm along X, Y, Z (from the file's header).
+        method: "brats" or "pooled" (:data:`HD95_METHODS`).
 
     Raises:
-        ConfigError: shapes differ, masks are not 3-D, or ``spacing`` is bad.
+        ConfigError: shapes differ, masks are not 3-D, ``spacing`` is bad or ``method`` unknown.
     """
     _check_pair(pred, gt, ndim=3)
     sampling = _check_spacing(spacing)
+    if method not in HD95_METHODS:
+        raise ConfigError(f"hd95 method must be one of {HD95_METHODS}, got {method!r}")
     has_pred, has_gt = bool(pred.any()), bool(gt.any())
     if not (has_pred or has_gt):
         return 0.0
     if has_pred != has_gt:
-        return HD95_EMPTY
-    box = _union_box(pred, gt, margin=1)
-    pred_surface = _surface(pred[box].astype(bool))
-    gt_surface = _surface(gt[box].astype(bool))
-    to_gt = ndimage.distance_transform_edt(~gt_surface, sampling=sampling)[pred_surface]
-    to_pred = ndimage.distance_transform_edt(~pred_surface, sampling=sampling)[gt_surface]
-    return float(np.percentile(np.concatenate([to_gt, to_pred]), 95))
+        return HD95_EMPTY if method == "brats" else HD95_EMPTY_POOLED
+    if method == "pooled":
+        box = _union_box(pred, gt, margin=1)
+        pred_surface = _surface(pred[box].astype(bool))
+        gt_surface = _surface(gt[box].astype(bool))
+        to_gt = ndimage.distance_transform_edt(~gt_surface, sampling=sampling)[pred_surface]
+        to_pred = ndimage.distance_transform_edt(~pred_surface, sampling=sampling)[gt_surface]
+        return float(np.percentile(np.concatenate([to_gt, to_pred]), 95))
+    box = _union_box(pred, gt, margin=0)
+    codes_p, codes_g = _cube_codes(pred[box]), _cube_codes(gt[box])
+    border_p, border_g = (codes_p != 0) & (codes_p != 255), (codes_g != 0) & (codes_g != 255)
+    areas = surfel_areas(sampling)
+    to_pred = ndimage.distance_transform_edt(~border_p, sampling=sampling)[border_g]
+    to_gt = ndimage.distance_transform_edt(~border_g, sampling=sampling)[border_p]
+    return max(_area_percentile(to_pred, areas[codes_g[border_g]], 95.0),
+               _area_percentile(to_gt, areas[codes_p[border_p]], 95.0))
+
+
+def _cube_codes(mask: np.ndarray) -> np.ndarray:
+    """The code of every 2x2x2 neighbourhood of ``mask`` padded by one background voxel on each side."""
+    m = np.pad(mask.astype(np.uint8), 1)
+    n = tuple(d - 1 for d in m.shape)
+    codes = np.zeros(n, dtype=np.uint8)
+    for a in range(2):
+        for b in range(2):
+            for c in range(2):
+                codes |= m[a:a + n[0], b:b + n[1], c:c + n[2]] << np.uint8(7 - (4 * a + 2 * b + c))
+    return codes
+
+
+def _area_percentile(distances: np.ndarray, areas: np.ndarray, percent: float) -> float:
+    """The smallest distance whose cumulative share of the surface area reaches ``percent``."""
+    order = np.argsort(distances, kind="stable")
+    cumulative = np.cumsum(areas[order]) / np.sum(areas)
+    index = int(np.searchsorted(cumulative, percent / 100.0))
+    return float(distances[order][min(index, len(order) - 1)])
 
 
 def confusion_metrics(pred: np.ndarray, gt: np.ndarray, spacing: Spacing = (1.0, 1.0, 1.0)) -> dict[str, float]:
@@ -127,7 +168,8 @@ def confusion_metrics(pred: np.ndarray, gt: np.ndarray, spacing: Spacing = (1.0,
     }
 
 
-def evaluate_case(pred_label: np.ndarray, gt_label: np.ndarray, spacing: Spacing) -> dict[str, float]:
+def evaluate_case(pred_label: np.ndarray, gt_label: np.ndarray, spacing: Spacing, hd95_method: str = "brats"
+                  ) -> dict[str, float]:
     """All BraTS metrics of one case, per region and per class.
 
     Per region R in WT, TC, ET: ``Dice_R``, ``HD95_R``, ``Sensitivity_R``,
@@ -139,6 +181,7 @@ def evaluate_case(pred_label: np.ndarray, gt_label: np.ndarray, spacing: Spacing
         pred_label: (X, Y, Z) integer classes 0..3, the full original grid.
         gt_label: (X, Y, Z) integer classes 0..3, same shape.
         spacing: voxel size in mm along X, Y, Z.
+        hd95_method: "brats" (the organisers') or "pooled" (see :func:`hd95`).
 
     Returns:
         Metric name -> float.
@@ -154,7 +197,7 @@ def evaluate_case(pred_label: np.ndarray, gt_label: np.ndarray, spacing: Spacing
         p, g = pred_masks[name], gt_masks[name]
         conf = confusion_metrics(p, g, spacing)
         row[f"Dice_{name}"] = dice(p, g)
-        row[f"HD95_{name}"] = hd95(p, g, spacing)
+        row[f"HD95_{name}"] = hd95(p, g, spacing, hd95_method)
         row[f"Sensitivity_{name}"] = conf["sensitivity"]
         row[f"Specificity_{name}"] = conf["specificity"]
         row[f"Volume_pred_{name}_ml"] = conf["volume_pred_ml"]

@@ -94,13 +94,11 @@ def model_preset(name: str, *, out_channels: int, deep_supervision: bool | None 
 
     * ``seed``: the write-up's UNet3D exactly (32-64-128, BatchNorm, MaxPool).
     * ``small``: the CPU-budget recipe's network, 8-16-32-64 over 4 levels,
-      InstanceNorm, deep supervision on (0.35 M parameters; a batch-2 step at
-      96^3 on 2 cores takes about 0.8 s with bf16 autocast on a CPU with AMX,
-      2.9 s in float32). Under a fixed time budget it beats wider networks
-      on real cases: it sees about 2.6 times as many patches as `medium`.
+      InstanceNorm, deep supervision on (0.35 M parameters): under a CPU time
+      budget it sees several times the patches of a wider network (step
+      times: docs/benchmarks.md, "CPU training step").
     * ``medium``: 16 ... 256 channels over 5 levels, InstanceNorm, deep
-      supervision on (5.6 M parameters; a batch-2 step at 96^3 takes about
-      2.5 s on 2 cores with bf16 autocast on a CPU with AMX).
+      supervision on (5.6 M parameters).
     * ``brats``: GPU, nnU-Net 3d_fullres-like for 128^3 patches: 6 levels
       (128 -> 4), 32 ... 320 channels, deep supervision on.
 

@@ -6,9 +6,9 @@ see :func:`discover_cases` and :func:`read_case`.
 
 from __future__ import annotations
 
+import math
 import os
 import re
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -176,25 +176,50 @@ def source_records(files: CaseFiles) -> list[dict[str, object]]:
     return out
 
 
-def _load(case_id: str, path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
-    """Read one NIfTI file fully, turning every reader failure into a CaseError."""
+#: Refuse a volume declaring more voxels than this, from its header alone, before any data are read: 7 times
+#: a full 240 x 240 x 155 BraTS volume. ``read_case(..., max_voxels=)`` and ``preprocess --max-voxels`` change it.
+MAX_VOXELS = 64_000_000
+#: Data kinds a volume may hold (numpy kinds: bool, signed and unsigned integer, float); never complex or RGB.
+_KINDS = "biuf"
+
+
+def _load(case_id: str, path: Path, max_voxels: int = MAX_VOXELS) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """Read one NIfTI file, its header checked first; every reader failure becomes a CaseError.
+
+    From the header alone: 3 axes, at most ``max_voxels`` voxels, a real (not complex, not RGB) data type.
+    Only then are the data read, so a 64-byte file declaring a huge volume costs no memory.
+    """
     try:
         img = cast(nib.Nifti1Image, nib.load(path))
+        shape, dtype = tuple(int(n) for n in img.header.get_data_shape()), np.dtype(img.header.get_data_dtype())
+    except Exception as exc:  # nibabel raises header, datatype, gzip and OS errors of many kinds
+        raise CaseError(case_id, str(path), f"cannot read NIfTI header: {type(exc).__name__}: {exc}") from exc
+    if len(shape) != 3:
+        raise CaseError(case_id, str(path), f"expected a 3-D volume, the header declares shape {shape}")
+    if math.prod(shape) > max_voxels:
+        raise CaseError(case_id, str(path), f"the header declares {shape} = {math.prod(shape):,} voxels, over the "
+                                            f"limit of {max_voxels:,} (not read; raise --max-voxels if it is real)")
+    if dtype.kind not in _KINDS or dtype.fields is not None:
+        raise CaseError(case_id, str(path), f"unsupported data type {dtype} (code "
+                                            f"{int(img.header['datatype'])}): expected integers or floats")
+    try:
         data = np.asanyarray(img.dataobj)
-    except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as exc:
-        raise CaseError(case_id, str(path), f"cannot read NIfTI: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # truncated or corrupt data: zlib, EOF, OS and value errors, memory
+        raise CaseError(case_id, str(path), f"cannot read NIfTI data: {type(exc).__name__}: {exc}") from exc
     if data.ndim != 3:
         raise CaseError(case_id, str(path), f"expected a 3-D volume, got shape {data.shape}")
     return data, img
 
 
-def load_volume(case_id: str, path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+def load_volume(case_id: str, path: Path, max_voxels: int = MAX_VOXELS
+                ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
     """Read one 3-D NIfTI file: (array in its stored dtype, (4, 4) affine, voxel spacing in mm).
 
     Raises:
-        CaseError: unreadable, truncated or not 3-D (names ``case_id`` and ``path``).
+        CaseError: unreadable, truncated, not 3-D, too large or of a non-real type (names ``case_id`` and
+            ``path``), judged from the header before the data are read.
     """
-    data, img = _load(case_id, path)
+    data, img = _load(case_id, path, max_voxels)
     zooms = img.header.get_zooms()[:3]
     return data, np.asarray(img.affine, dtype=np.float64), (float(zooms[0]), float(zooms[1]), float(zooms[2]))
 
@@ -214,12 +239,13 @@ def _check_seg(case_id: str, path: Path, seg: np.ndarray, edition: Edition) -> n
     return seg.astype(np.int16)
 
 
-def read_case(files: CaseFiles, *, affine_tol: float = 1e-3) -> RawCase:
+def read_case(files: CaseFiles, *, affine_tol: float = 1e-3, max_voxels: int = MAX_VOXELS) -> RawCase:
     """Read and validate every file of a case.
 
-    Checks: all four modalities present, 3-D, one shape and one affine (within
-    ``affine_tol``) across the case, finite values; the label map (if any)
-    holds only the edition's labels.
+    Checks: all four modalities present; from each header, before its data,
+    3-D, at most ``max_voxels`` voxels, a real data type; one shape and one
+    affine (within ``affine_tol``) across the case, finite values; the label
+    map (if any) holds only the edition's labels.
 
     Raises:
         MissingFileError: a modality file is absent.
@@ -232,7 +258,7 @@ def read_case(files: CaseFiles, *, affine_tol: float = 1e-3) -> RawCase:
             raise MissingFileError(cid, str(files.folder), f"missing modality {mod!r} (expected {want})")
     channels, ref = [], None
     for path in (p for p in files.images if p is not None):  # all present, checked above
-        data, img = _load(cid, path)
+        data, img = _load(cid, path, max_voxels)
         if ref is None:
             ref = img
         _check_geometry(cid, path, data.shape, img.affine, ref, affine_tol)
@@ -244,7 +270,7 @@ def read_case(files: CaseFiles, *, affine_tol: float = 1e-3) -> RawCase:
         raise MissingFileError(cid, str(files.folder), "no modality files")
     seg = None
     if files.seg is not None:
-        data, img = _load(cid, files.seg)
+        data, img = _load(cid, files.seg, max_voxels)
         _check_geometry(cid, files.seg, data.shape, img.affine, ref, affine_tol)
         seg = _check_seg(cid, files.seg, data, ed)
     return RawCase(files, np.stack(channels), seg, np.asarray(ref.affine, dtype=np.float64), ref.header)

@@ -41,7 +41,7 @@ def versions() -> dict[str, str]:
 def run_record() -> dict[str, object]:
     """Versions, git commit, host platform and a UTC timestamp."""
     return {
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
         "versions": versions(),
         "platform": platform.platform(),

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from pipeline.errors import ConfigError
 from pipeline.brats import MODALITIES
+from pipeline.errors import ConfigError
 from pipeline.nifti import BRATS_AFFINE, save_volume
 
 BRATS_SHAPE: tuple[int, int, int] = (240, 240, 155)

@@ -6,7 +6,9 @@ import argparse
 import sys
 
 from pipeline.cache import CODECS, PreprocessConfig
+from pipeline.cache.location import redact
 from pipeline.errors import PipelineError
+from pipeline.nifti import MAX_VOXELS
 from preprocess.run import BACKENDS, WORKER_WAIT_S, run_preprocess
 
 
@@ -36,12 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker-wait", type=float, default=WORKER_WAIT_S, metavar="SECONDS",
                    help="with --scheduler: how long to wait for the first dask worker to join")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--max-voxels", type=int, default=MAX_VOXELS,
+                   help="refuse a file whose header declares more voxels (checked before its data are read)")
     g = p.add_argument_group("settings (a change makes a new cache)")
     g.add_argument("--dtype", default=d.dtype, choices=["float16", "float32"], help="image dtype on disk")
     g.add_argument("--chunk", type=int, nargs=3, default=list(d.chunk), metavar=("X", "Y", "Z"),
                    help="spatial chunk shape (a chunk holds all four channels)")
     g.add_argument("--codec", default=d.codec, choices=list(CODECS),
-                   help="Blosc compressor (lz4hc with --clevel 9: about 2x faster reads, about 20%% larger), or "
+                   help="Blosc compressor (lz4hc with --clevel 9 reads faster and is larger: docs/benchmarks.md), or "
                    "none: uncompressed chunks copied out of memory-mapped files, the speed setting (see "
                    "docs/cache-format.md)")
     g.add_argument("--clevel", type=int, default=d.clevel, help="compression level 0..9")
@@ -57,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.max_voxels < 1:
+        parser.error(f"--max-voxels must be >= 1, got {args.max_voxels}")
     if args.max_indices < 0:
         parser.error(f"--max-indices must be >= 0 (0: keep all), got {args.max_indices}")
     try:
@@ -67,10 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         summary = run_preprocess(
             args.raw_dir, args.cache_dir, cfg, name=getattr(args, "name", None), jobs=args.jobs, force=args.force,
             progress=not args.no_progress, backend=args.backend, scheduler=args.scheduler,
-            worker_wait_s=args.worker_wait,
+            worker_wait_s=args.worker_wait, max_voxels=args.max_voxels,
         )
     except (PipelineError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: complete cases are kept, partial ones were discarded; "

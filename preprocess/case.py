@@ -7,13 +7,13 @@ from typing import Any
 import numpy as np
 
 from pipeline import transforms as T
+from pipeline.brats import MODALITIES, NUM_CLASSES, check_case_id
 from pipeline.cache import PreprocessConfig
-from pipeline.brats import MODALITIES, NUM_CLASSES
-from pipeline.nifti import CaseFiles, read_case, source_records
+from pipeline.nifti import MAX_VOXELS, CaseFiles, read_case, source_records
 
 
 def preprocess_case(
-    files: CaseFiles, cfg: PreprocessConfig
+    files: CaseFiles, cfg: PreprocessConfig, *, max_voxels: int = MAX_VOXELS
 ) -> tuple[np.ndarray, np.ndarray | None, dict[int, np.ndarray], dict[str, Any]]:
     """Read, validate and preprocess one case.
 
@@ -21,8 +21,9 @@ def preprocess_case(
         (image (4, x, y, z) float32, label (x, y, z) uint8 or None,
         tumour indices class -> (N, 3) int32, attributes for the cache).
     """
+    check_case_id(files.case_id, str(files.folder))  # the id names the cached group: a name, never a path
     sources = source_records(files)
-    raw = read_case(files)
+    raw = read_case(files, max_voxels=max_voxels)
     image, label, box, means, stds = T.preprocess_raw(raw)
     indices: dict[int, np.ndarray] = {}
     counts: dict[str, int] = {}

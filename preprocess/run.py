@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -15,13 +16,14 @@ from joblib import Parallel, delayed, parallel_config
 from tqdm import tqdm
 
 from pipeline import cache
+from pipeline.brats import check_case_id
 from pipeline.cache.check import disk_usage
-from pipeline.cache.location import Location, check_reachable, is_local
+from pipeline.cache.location import Location, check_reachable
 from pipeline.errors import CaseError, ConfigError, PipelineError
-from pipeline.nifti import CaseFiles, discover_cases, source_records
+from pipeline.lock import FolderLock
+from pipeline.nifti import MAX_VOXELS, CaseFiles, discover_cases, source_records
 from pipeline.provenance import run_record
 from preprocess.case import preprocess_case
-
 
 #: Where the per-case work runs: joblib's process pool on this machine, or a dask.distributed cluster
 #: (through joblib's dask backend; a local cluster of ``jobs`` worker processes unless a scheduler is given).
@@ -60,7 +62,7 @@ def parallel_backend(backend: str, scheduler: str | None, jobs: int,
     with ExitStack() as stack:
         if scheduler is not None:
             try:
-                client = stack.enter_context(Client(scheduler, timeout=f"{CONNECT_TIMEOUT_S}s"))
+                client = stack.enter_context(Client(scheduler, timeout=f"{CONNECT_TIMEOUT_S}s"))  # type: ignore[no-untyped-call]
             except (OSError, TimeoutError, ValueError) as exc:
                 raise ConfigError(f"cannot reach the dask scheduler at {scheduler}: {exc}") from None
             try:
@@ -70,9 +72,9 @@ def parallel_backend(backend: str, scheduler: str | None, jobs: int,
                                   "(start workers with: dask worker " + scheduler + ")") from None
         else:
             workers = jobs if jobs > 0 else os.cpu_count() or 1
-            cluster = stack.enter_context(LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                                       dashboard_address=None))
-            client = stack.enter_context(Client(cluster))
+            cluster = stack.enter_context(LocalCluster(  # type: ignore[no-untyped-call]  # dask ships no hints
+                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None))
+            client = stack.enter_context(Client(cluster))  # type: ignore[no-untyped-call]
         n = len(client.scheduler_info().get("workers", {}))
         stack.enter_context(parallel_config(backend="dask", wait_for_workers_timeout=worker_wait_s))
         yield -1, f"dask, {n} workers at {client.scheduler.address} when the run started"
@@ -106,14 +108,15 @@ class Summary:
         return "\n".join(lines)
 
 
-def _process(files: CaseFiles, cache_dir: str, cfg: cache.PreprocessConfig) -> tuple[str, str | None]:
+def _process(files: CaseFiles, cache_dir: str, cfg: cache.PreprocessConfig, max_voxels: int = MAX_VOXELS
+             ) -> tuple[str, str | None]:
     """Worker: preprocess and write one case; returns (case_id, error message or None)."""
     try:
-        image, label, indices, attrs = preprocess_case(files, cfg)
+        image, label, indices, attrs = preprocess_case(files, cfg, max_voxels=max_voxels)
         cache.write_case(cache_dir, image, label, indices, attrs, cfg)
     except PipelineError as exc:
         return files.case_id, str(exc)
-    except (OSError, MemoryError, ValueError) as exc:
+    except Exception as exc:  # any other failure is this case's alone: one line, the others go on
         return files.case_id, f"{files.case_id} [{files.folder}]: {type(exc).__name__}: {exc}"
     return files.case_id, None
 
@@ -130,6 +133,7 @@ def run_preprocess(
     backend: str = "joblib",
     scheduler: str | None = None,
     worker_wait_s: float = WORKER_WAIT_S,
+    max_voxels: int = MAX_VOXELS,
 ) -> Summary:
     """Preprocess every case under ``raw_dir`` into ``<cache_root>/<name>-<key>/``.
 
@@ -149,6 +153,7 @@ def run_preprocess(
         backend: "joblib" (this machine) or "dask" (see :func:`parallel_backend`).
         scheduler: address of a dask scheduler (implies the dask backend).
         worker_wait_s: with a scheduler, how long to wait for its first worker.
+        max_voxels: refuse a file whose header declares more voxels (:data:`pipeline.nifti.MAX_VOXELS`).
     """
     t0 = time.perf_counter()
     if jobs == 0 or jobs < -1:
@@ -162,21 +167,34 @@ def run_preprocess(
     check_reachable(cache_dir)  # a missing bucket or bad credentials: one clear error before any work
     # workers first: an unreachable scheduler leaves nothing behind, not even an empty cache
     with parallel_backend(backend, scheduler, jobs, worker_wait_s) as (n_jobs, summary.workers):
-        _run(summary, found, raw_dir, name or raw_dir.resolve().name, cfg, n_jobs, force, progress, t0)
+        _run(summary, found, raw_dir, name or raw_dir.resolve().name, cfg, n_jobs, force, progress, t0, max_voxels)
     return summary
 
 
 def _run(summary: Summary, found: list[CaseFiles], raw_dir: Path, name: str, cfg: cache.PreprocessConfig,
-         n_jobs: int, force: bool, progress: bool, t0: float) -> None:
+         n_jobs: int, force: bool, progress: bool, t0: float, max_voxels: int) -> None:
     """Skip complete cases, process the others on the current backend, write the manifest."""
     cache_dir = summary.cache_dir
-    if is_local(cache_dir):
+    lock: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+    if isinstance(cache_dir, Path):  # a local cache
         cache_dir.mkdir(parents=True, exist_ok=True)
+        lock = FolderLock(cache_dir / cache.WRITER_LOCK, what=f"cache {cache_dir}")
+    with lock:  # one writer per local cache: its cleanup below may delete only what nobody writes
+        _write_cases(summary, found, raw_dir, name, cfg, n_jobs, force, progress, t0, max_voxels)
+
+
+def _write_cases(summary: Summary, found: list[CaseFiles], raw_dir: Path, name: str, cfg: cache.PreprocessConfig,
+                 n_jobs: int, force: bool, progress: bool, t0: float, max_voxels: int) -> None:
+    cache_dir = summary.cache_dir
     cache.cleanup_partial(cache_dir)
     todo = []
     for files in found:
         try:
+            check_case_id(files.case_id, str(files.folder))  # before it names anything in the cache
             status = cache.case_status(cache_dir, files.case_id, source_records(files), cfg)
+        except CaseError as exc:
+            summary.failed[files.case_id] = str(exc)
+            continue
         except OSError as exc:
             summary.failed[files.case_id] = str(CaseError(files.case_id, str(files.folder), str(exc)))
             continue
@@ -187,7 +205,7 @@ def _run(summary: Summary, found: list[CaseFiles], raw_dir: Path, name: str, cfg
     try:
         if todo:
             results = Parallel(n_jobs=n_jobs, return_as="generator_unordered")(
-                delayed(_process)(f, str(cache_dir), cfg) for f in todo
+                delayed(_process)(f, str(cache_dir), cfg, max_voxels) for f in todo
             )
             for case_id, error in tqdm(results, total=len(todo), desc="preprocess", unit="case",
                                        disable=not progress):

@@ -12,15 +12,14 @@ import torch.nn.functional as F
 from train.augment import (
     LEVELS,
     AugmentConfig,
-    _blur,
-    _gamma,
     augment_batch,
     intensity,
-    sample_generators,
     region_for,
+    sample_generators,
     spatial_draw,
     warp_region,
 )
+from train.augment.intensity import _blur, _gamma
 from train.dataset import PatchDataset, PatchSpec, make_batches
 
 CPU = torch.device("cpu")
@@ -72,7 +71,7 @@ def test_mirroring_folded_into_the_spatial_transform_is_a_flip(rotation: float) 
 def test_scaling_alone_matches_the_affine_grid_within_a_voxel(flips: tuple[int, ...]) -> None:
     """The separable route and the general one sample the same anatomy (a smooth volume: values agree to
     the change over a voxel), per-axis factors and mirroring included."""
-    from train.augment import _flip_signs, _theta
+    from train.augment.spatial import _flip_signs, _theta
 
     n = 48
     axes = torch.meshgrid(*[torch.linspace(-1, 1, n)] * 3, indexing="ij")
@@ -190,7 +189,7 @@ def _batches(cache_dir, ids, loader: str, workers: int, level: str = "nnunet") -
     spec = PatchSpec((16, 16, 16), p_fg=0.5, seed=9, augment=LEVELS[level])
     dataset = PatchDataset(cache_dir, ids, spec, 64)
     out = []
-    for step, batch in enumerate(make_batches(loader, dataset, 0, 6, 3, workers)):
+    for batch in make_batches(loader, dataset, 0, 6, 3, workers):
         out.append(augment_batch(batch, LEVELS[level], sample_generators(9, batch["index"].tolist()), CPU))
     return out
 

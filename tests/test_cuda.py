@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import REPO
 from train.augment import LEVELS, augment_batch, sample_generators
 from train.checkpoint import load_checkpoint, model_from_checkpoint
 from train.config import TrainConfig
 from train.dataset import PatchDataset, PatchSpec, make_batches
 from train.trainer import fit
-from tests.conftest import REPO
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
 CUDA = torch.device("cuda")

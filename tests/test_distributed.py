@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from pipeline.errors import ConfigError
+from tests.conftest import REPO, free_port
 from train import distributed
 from train.checkpoint import load_checkpoint
 from train.config import TrainConfig
 from train.trainer import build, fit
-from tests.conftest import REPO, free_port
 
 #: A short SGD run without autocast, so two processes and one agree up to float reduction order.
 ARGS = ["--preset", "small", "--patch-size", "16", "16", "16", "--n-folds", "3", "--p-fg", "0.5",
@@ -238,3 +238,28 @@ def test_sync_bn_converts_batch_norm_and_refuses_other_norms(tiny_cache, tmp_pat
     fit(TrainConfig(preset="seed", epochs=1, iters_per_epoch=1, workers=1, **common), progress=False)
     with pytest.raises(ConfigError, match="instance norm"):
         build(TrainConfig(preset="small", **common))
+
+
+def test_a_ranks_own_error_keeps_its_traceback_and_only_a_peers_failure_is_one_line(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    world = distributed.World(rank=1, size=2)
+
+    def own() -> None:  # how NCCL reports a CUDA error of this very rank: it names NCCL and the process group
+        raise RuntimeError("CUDA error: out of memory (ProcessGroupNCCL.cpp:1971, unhandled cuda error, NCCL "
+                           "version 2.21.5)")
+
+    def peer() -> None:  # how gloo reports a peer that died mid-collective
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:29500")
+
+    with pytest.raises(RuntimeError, match="CUDA error: out of memory"):
+        distributed.run_rank(own, world)
+    assert capsys.readouterr().err == ""
+    assert distributed.run_rank(peer, world) == (None, 3)
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("error: rank 1 of 2: the distributed job failed") and "\n" not in line
+    assert distributed.run_rank(lambda: 7, world) == (7, 0)
+    for text in ("Timed out waiting 15000ms for recv operation to complete", "Watchdog caught collective operation "
+                 "timeout", "Connection reset by peer"):
+        assert distributed.is_collective_failure(RuntimeError(text))
+    for text in ("CUDA error: an illegal memory access was encountered", "shape mismatch"):
+        assert not distributed.is_collective_failure(RuntimeError(text))

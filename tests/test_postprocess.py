@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pipeline.postprocess import (
     PostProcessing,
     apply,
     choose,
+    destroys,
     filter_components,
     relabel_distant_et,
     relabel_small_et,
@@ -66,9 +68,11 @@ def test_components_far_from_the_largest_are_dropped_whatever_their_size() -> No
     big[5:17, 5:17, 5:8] = 2  # the tumour grows a little: it stays the largest
     kept = filter_components(big, False, 0, min_fraction=0.5, max_distance=10)
     assert not kept[26:38, 26:38, 26:38].any() and (kept[5:17, 5:17, 5:17] > 0).all()
-    post = PostProcessing(min_fraction=0.2, max_distance=10)
+    post = PostProcessing(min_fraction=0.2, max_distance=10, guard_components=False)
     assert "more than 10 voxels from the largest" in post.describe()
     np.testing.assert_array_equal(apply(pred, post), truth)
+    # the island holds 216 of the 280 predicted ET voxels: removing it destroys ET, so the guard keeps it
+    np.testing.assert_array_equal(apply(pred, dataclasses.replace(post, guard_components=True)), pred)
     with pytest.raises(ConfigError, match="max_distance"):
         PostProcessing(max_distance=-1)
 
@@ -109,7 +113,8 @@ def test_choice_removes_islands_and_small_false_et() -> None:
     np.testing.assert_array_equal(apply(pred, post), truth)
     assert not (apply(no_et_pred, post) == 3).any()
     by_name = {name: (d, h) for name, d, h in post.scores}
-    assert by_name["largest"][1] < by_name["none"][1]  # HD95 falls once the island goes
+    assert by_name["largest"][0] > by_name["none"][0]  # Dice rises once the island goes
+    assert not np.isnan(by_name["largest"][1]) and np.isnan(by_name["none"][1])  # HD95 only where it decides
 
 
 def test_choice_keeps_a_real_second_lesion() -> None:
@@ -130,8 +135,64 @@ def test_choice_needs_matching_cases_and_settings_are_checked() -> None:
     with pytest.raises(ConfigError, match="min_fraction"):
         PostProcessing(min_fraction=1.5)
     post = PostProcessing(keep_largest=True, et_threshold=50, chosen_on=("x",), scores=(("none", 0.5, 9.0),),
-                          min_fraction=0.2)
+                          min_fraction=0.2, effects=(("largest", 1, 0, 0, False),))
     assert PostProcessing.from_dict(json.loads(json.dumps(post.to_dict()))) == post
+
+
+def split_et_with_false_blob(shape: tuple[int, int, int] = (48, 48, 48)) -> tuple[np.ndarray, np.ndarray]:
+    """(truth, prediction): the true ET is two 100-voxel pieces at one end of a long oedema; the prediction
+    finds them and adds a 150-voxel false ET blob at the other end, its largest ET component."""
+    truth = blob(shape, (4, 4, 4), (44, 24, 24), 2)
+    blob(shape, (6, 6, 6), (11, 11, 10), 3, truth)
+    blob(shape, (12, 12, 6), (17, 17, 10), 3, truth)
+    pred = blob(shape, (34, 8, 8), (39, 13, 14), 3, truth.copy())
+    return truth, pred
+
+
+def test_a_guarded_rule_never_destroys_a_region() -> None:
+    truth, pred = split_et_with_false_blob()
+    relabelled = relabel_distant_et(pred, 5)  # keeps the false blob, turns the whole true ET into necrosis
+    assert not (relabelled[truth == 3] == 3).any() and destroys(pred, relabelled)
+    guarded, unguarded = PostProcessing(et_max_distance=5), PostProcessing(et_max_distance=5, guard_et_distance=False)
+    np.testing.assert_array_equal(apply(pred, guarded), pred)
+    np.testing.assert_array_equal(apply(pred, unguarded), relabelled)
+    # the case the unguarded rule would ruin chooses the guard (or no rule at all)
+    post = choose({"a": pred}, {"a": truth})
+    assert post.guard_et_distance or post.et_max_distance == 0
+    assert (apply(pred, post)[truth == 3] == 3).all()
+    effects = {e[0]: e[1:] for e in post.effects}
+    assert effects["et_near5"][2] == 1 and effects["et_near5"][3] is False  # destroys one case: stays guarded
+    # a stray bit (under half of the ET) is no destruction: the guard lets the rule through
+    _, island = tumour_with_island()
+    small_stray = relabel_distant_et(island, 5)
+    assert not destroys(island, small_stray) and np.array_equal(apply(island, guarded), small_stray)
+
+
+def test_destroying_runs_unguarded_only_where_the_folds_saw_it_win() -> None:
+    shape = (64, 64, 64)
+    truth = blob(shape, (4, 4, 4), (14, 14, 14), 2)  # 1000 voxels
+    pred = truth.copy()
+    for corner in ((40, 4, 4), (4, 40, 4), (40, 40, 40)):  # three 729-voxel false islands, far away
+        blob(shape, corner, tuple(c + 9 for c in corner), 2, pred)  # type: ignore[arg-type]
+    cleaned = filter_components(pred, False, 0, max_distance=10)
+    assert destroys(pred, cleaned)  # 2187 of 3187 predicted voxels go
+    post = choose({"a": pred}, {"a": truth})
+    assert not post.guard_components and post.max_distance > 0 or post.keep_largest
+    np.testing.assert_array_equal(apply(pred, post), truth)
+    helped = {e[0]: e[1] for e in post.effects}
+    assert helped["near10"] == 1 and helped["none"] == 0
+
+
+def test_an_older_postprocessing_file_is_read_with_a_note_and_a_newer_one_refused(tmp_path: Path) -> None:
+    old = {"keep_largest": False, "min_component": 0, "et_threshold": 0, "chosen_on": ["a"],
+           "scores": [["none", 0.8, 9.0]], "min_fraction": 0.2, "max_distance": 10, "et_max_distance": 5}
+    post, note = PostProcessing.from_file_dict(old)
+    assert post.guard_components and post.guard_et_distance and note and "older version" in note
+    (tmp_path / "postprocessing.json").write_text(json.dumps(old))
+    assert load_postprocessing(tmp_path) == post
+    (tmp_path / "postprocessing.json").write_text(json.dumps({**post.to_dict(), "version": 99}))
+    with pytest.raises(CheckpointError, match="format version 99"):
+        load_postprocessing(tmp_path)
 
 
 def test_predict_applies_the_runs_postprocessing_unless_told_not_to(raw_dir: Path, tmp_path: Path) -> None:
@@ -144,8 +205,11 @@ def test_predict_applies_the_runs_postprocessing_unless_told_not_to(raw_dir: Pat
     assert plain.ok
     raw_pred = np.asanyarray(nib.load(tmp_path / "plain" / f"{cid}.nii.gz").dataobj)
     assert (raw_pred > 0).any()  # the random network predicts some tumour
-    (run / "postprocessing.json").write_text(json.dumps(PostProcessing(min_component=10**9).to_dict()))
-    assert load_postprocessing(run) == PostProcessing(min_component=10**9)
+    # removing every component destroys the whole tumour: only an unguarded rule may do that
+    drop_all = PostProcessing(min_component=10**9, guard_components=False)
+    assert apply(raw_pred.astype(np.uint8) % 4, dataclasses.replace(drop_all, guard_components=True)).any()
+    (run / "postprocessing.json").write_text(json.dumps(drop_all.to_dict()))
+    assert load_postprocessing(run) == drop_all
     run_predict(run, tmp_path / "post", CPU, input_dir=raw_dir, case_ids=[cid], progress=False)
     post_pred = np.asanyarray(nib.load(tmp_path / "post" / f"{cid}.nii.gz").dataobj)
     assert not (post_pred > 0).any()  # every component is smaller than the minimum

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.brats import EDITION_BY_NAME
 from pipeline.cache import PreprocessConfig
 from pipeline.model import ModelConfig, build_model
-from pipeline.brats import EDITION_BY_NAME
 from pipeline.nifti import discover_cases, read_case
 from pipeline.synthetic import generate_dataset
 from pipeline.transforms import preprocess_raw

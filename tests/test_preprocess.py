@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import zarr
 
 from pipeline import transforms as T
@@ -279,3 +280,35 @@ def test_bad_arguments_create_nothing(tmp_path: Path) -> None:
     zero_jobs = run(str(raw), "--cache-dir", str(tmp_path / "c"), "--jobs", "0")
     assert zero_jobs.returncode == 2 and "jobs must be" in zero_jobs.stderr
     assert not (tmp_path / "c").exists()
+
+
+def test_one_writer_per_cache_and_a_killed_writer_leaves_nothing_in_the_way(raw_dir: Path, tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture[str]
+                                                                            ) -> None:
+    from pipeline.errors import LockedError
+
+    flag = tmp_path / "paused"
+    env = {**os.environ, PAUSE_ENV: str(flag), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "preprocess", str(raw_dir), "--cache-dir", str(tmp_path / "c"), "--jobs", "1",
+           "--no-progress", "--chunk", "16", "16", "16"]
+    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not flag.exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert flag.exists(), first.communicate()[1][-2000:] if first.poll() is not None else "no write paused"
+        with pytest.raises(LockedError, match=f"cache .* is in use by pid {first.pid} on"):
+            run_preprocess(raw_dir, tmp_path / "c", TINY_CFG, jobs=1, progress=False)
+        first.send_signal(signal.SIGKILL)  # the first run dies half-way through writing a case
+        first.wait()
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    cache_dir = next(p for p in (tmp_path / "c").iterdir() if p.is_dir())
+    assert [p.name for p in cache_dir.iterdir() if ".tmp-" in p.name]  # its half-written case is left behind
+    second = run_preprocess(raw_dir, tmp_path / "c", TINY_CFG, jobs=1, progress=False)
+    assert second.ok and len(second.written) == 3
+    assert "taking over the stale lock" in capsys.readouterr().err
+    assert not [p.name for p in cache_dir.iterdir() if p.name.startswith(".")]  # no temporary, no lock
+    assert verify(open_cache(cache_dir)) == {}

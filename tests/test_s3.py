@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from joblib.externals.loky import get_reusable_executor
 
+from benchmarks.common import local_s3_server, use_s3_endpoint
 from pipeline.cache import complete_cases, open_cache, open_case
 from pipeline.cache.check import verify
 from pipeline.cache.store import PAUSE_ENV
 from pipeline.errors import CacheFormatError, ConfigError
 from preprocess.__main__ import main as preprocess_main
 from preprocess.run import run_preprocess
-from benchmarks.common import local_s3_server, use_s3_endpoint
 from tests.conftest import REPO, TINY_CFG, free_port
 from train.config import TrainConfig
 from train.predict import PredictConfig, run_predict
@@ -141,3 +141,31 @@ def test_bad_credentials_are_one_clear_line(raw_dir: Path, capsys: pytest.Captur
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: access to s3://brats-cache denied"), err
     assert "AWS_ACCESS_KEY_ID" in err[0]
+
+
+def test_credentials_in_a_cache_url_are_never_stored_or_printed(s3: str, raw_dir: Path, tmp_path: Path) -> None:
+    remote = run_preprocess(raw_dir, f"{s3}/secret-caches", TINY_CFG, jobs=1, progress=False)
+    secret_url = str(remote.cache_dir).replace("s3://", "s3://testing:TOPSECRET@", 1) + "?versionId=SECRET2"
+    run = tmp_path / "run"
+    fit(TrainConfig(cache_dir=str(remote.cache_dir), run_dir=str(run), preset="small", patch_size=(16, 16, 16),
+                    batch_size=2, n_folds=3, epochs=1, iters_per_epoch=1, workers=1, val_overlap=0.0,
+                    device="cpu"), progress=False)
+    cfg = TrainConfig(cache_dir=secret_url, run_dir=str(tmp_path / "run2"), preset="small",
+                      patch_size=(16, 16, 16), batch_size=2, n_folds=3, epochs=1, iters_per_epoch=1, workers=1,
+                      val_overlap=0.0, device="cpu")
+    try:
+        fit(cfg, progress=False)  # s3fs may take the user and password as its key and secret, or refuse them
+    except Exception as exc:  # whatever the store says, its message is printed redacted
+        from pipeline.cache.location import redact
+        assert "TOPSECRET" not in redact(str(exc)) and "SECRET2" not in redact(str(exc))
+    for path in (tmp_path / "run2").rglob("*") if (tmp_path / "run2").exists() else []:
+        if path.is_file():
+            assert b"TOPSECRET" not in path.read_bytes() and b"SECRET2" not in path.read_bytes(), path
+    summary = run_predict([str(run)], tmp_path / "out", PredictConfig(device="cpu", mirror=False),
+                          cache_dir=str(remote.cache_dir), progress=False)
+    assert summary.ok
+    bad = subprocess.run([sys.executable, "-m", "train", "--cache-dir", secret_url.replace(s3, "s3://no-such-bucket"),
+                          "--run-dir", str(tmp_path / "run3"), "--no-progress"], cwd=REPO, capture_output=True,
+                         text=True, timeout=300, env=os.environ.copy())
+    assert bad.returncode == 2 and "error:" in bad.stderr
+    assert "TOPSECRET" not in bad.stderr + bad.stdout and "SECRET2" not in bad.stderr + bad.stdout

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from pipeline.errors import ConfigError
 from pipeline.brats import MODALITIES
+from pipeline.errors import ConfigError
 from pipeline.nifti import BRATS_AFFINE, discover_cases, read_case
 from pipeline.synthetic import generate_dataset, main, make_case
 

@@ -16,14 +16,14 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from preprocess.run import run_preprocess
 from pipeline.cache import PreprocessConfig
 from pipeline.errors import CheckpointError, ConfigError
+from preprocess.run import run_preprocess
+from tests.conftest import REPO, real_dir
 from train.checkpoint import load_checkpoint, model_from_checkpoint
 from train.config import RECIPE_POSTPROCESSING, RECIPES, TrainConfig, resolve
 from train.predict import load_postprocessing
 from train.trainer import fit, lr_factor
-from tests.conftest import REPO, real_dir
 
 FAST = dict(preset="small", patch_size=(16, 16, 16), batch_size=2, n_folds=3, p_fg=1.0, workers=1, val_overlap=0.25)
 
@@ -154,7 +154,9 @@ def test_time_budget_stops_training_and_resume_continues_its_schedule(tiny_cache
     assert 0 < first["step"] < 50_000 and state["elapsed_s"] >= 2.0
     lrs = _scalars(run, "train/lr", session=0)
     assert len(lrs) == first["step"] and 0 < lrs[0] <= 1e-3
-    assert all(b <= a for a, b in zip(lrs, lrs[1:])) and lrs[-1] < 0.5e-3  # cosine over the budget
+    # cosine over the budget, not over the 50,000 steps (after which the last rate would still be 0.99999e-3);
+    # no bound that a slow step on a busy machine could miss: the last step starts after 1/7 of the budget
+    assert all(b <= a for a, b in zip(lrs, lrs[1:])) and lrs[-1] < 0.95e-3
     again = fit(cfg, resume=True, progress=False)
     assert again["step"] == first["step"]  # the budget is spent: nothing more to do
     longer = fit(dataclasses.replace(cfg, time_budget=0.1), resume=True, progress=False)

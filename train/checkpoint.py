@@ -13,6 +13,7 @@ from pipeline.atomic import atomic_path
 from pipeline.cache import FORMAT_VERSION
 from pipeline.errors import CheckpointError
 from pipeline.model import ModelConfig, build_model
+from train.run import RunDir
 
 CHECKPOINT_VERSION = 1
 
@@ -33,10 +34,6 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> Path
     return path
 
 
-#: What a run directory stands for, in order of preference.
-CHECKPOINT_NAMES = ("best.pt", "last.pt")
-
-
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint safely (``torch.load(..., weights_only=True)``: nothing is unpickled).
 
@@ -44,11 +41,8 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
         CheckpointError: missing, unreadable, or of another checkpoint version.
     """
     path = Path(path)
-    if path.is_dir():  # a run directory: its best checkpoint, else its last
-        found = [path / n for n in CHECKPOINT_NAMES if (path / n).exists()]
-        if not found:
-            raise CheckpointError(f"no best.pt or last.pt in {path} (has training run an epoch there?)")
-        path = found[0]
+    if path.is_dir():  # a run folder: its best checkpoint, else its last
+        path = RunDir(path).checkpoint()
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError as exc:

@@ -27,8 +27,8 @@ ALL = "all"
 
 #: The defaults of each device, chosen by measurement (docs/benchmarks.md, "Quality on real cases").
 RECIPES: dict[str, dict[str, Any]] = {
-    # CPU: the best recipe under a 35-minute budget on 2 cores (found by 2-fold cross-validation
-    # on the 8 real cases; bf16 autocast with channels-last runs a small step 3.8x faster on CPUs with AMX).
+    # CPU: the recipe for a 35-minute budget on 2 cores; its cross-validated quality on the 17 real cases, and
+    # the bf16 + channels-last step times it relies on: docs/benchmarks.md ("Quality on real cases").
     "cpu": dict(preset="small", patch_size=(96, 96, 96), batch_size=2, optimizer="adam", lr=3e-3,
                 schedule="cosine", p_fg=0.5, augment="light", epochs=100, iters_per_epoch=50),
     # CUDA: nnU-Net's 3d_fullres recipe for BraTS (1000 epochs x 250 steps, SGD 0.01, poly).
@@ -183,7 +183,7 @@ def resolve(cfg: TrainConfig, device_type: str, cpu_bf16: bool) -> TrainConfig:
         fill["amp"] = "bf16" if device_type == "cuda" or cpu_bf16 else "none"
     if cfg.channels_last is None:
         fill["channels_last"] = device_type != "cuda" and fill.get("amp", cfg.amp) == "bf16"
-    if cfg.compile is None:  # on an H200 a compiled 128³ brats step takes 48 ms instead of 84 (docs/benchmarks.md)
+    if cfg.compile is None:  # compiled, the CUDA step runs faster (docs/benchmarks.md, "GPU")
         fill["compile"] = device_type == "cuda"
     if cfg.n_folds is None and cfg.fold != ALL:
         fill["n_folds"] = 5

@@ -15,14 +15,17 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
+from pipeline.cache.location import redact
 from pipeline.errors import PipelineError
-from train import predict as P
-from train.__main__ import build_parser as train_parser
-from train.config import ALL, TrainConfig
 from train import distributed
+from train import predict as P
+from train.cli import build_parser as train_parser
+from train.config import ALL, TrainConfig
 from train.postprocess import out_of_fold, write_postprocessing
+from train.run import RunDir
 
 
 def fold_runs(run_dir: Path, n_folds: int) -> list[Path]:
@@ -30,12 +33,26 @@ def fold_runs(run_dir: Path, n_folds: int) -> list[Path]:
     return [run_dir / f"fold_{k}" for k in range(n_folds)]
 
 
-def run_cv(base: TrainConfig, n_folds: int, with_all: bool = True, progress: bool = True) -> list[Path]:
-    """Train every fold (and ``all``), choose post-processing on the folds; returns the run directories."""
+def run_cv(base: TrainConfig, n_folds: int, with_all: bool = True, progress: bool = True,
+           overwrite: bool = False) -> list[Path]:
+    """Train every fold (and ``all``), choose post-processing on the folds; returns the run directories.
+
+    The root folder's lock is held throughout (rank 0), so a second ``train.cv`` or a training into the
+    root is refused; each fold's training holds its own folder's lock too. A fold with a ``last.pt`` is
+    resumed; one without a checkpoint (killed before its first epoch) starts again; ``overwrite`` starts
+    every fold again.
+    """
+    root = Path(base.run_dir)
+    world = distributed.from_env()
+    with RunDir(root).lock() if world.main else nullcontext():
+        return _run_cv(base, root, n_folds, with_all, progress, overwrite)
+
+
+def _run_cv(base: TrainConfig, root: Path, n_folds: int, with_all: bool, progress: bool, overwrite: bool
+            ) -> list[Path]:
     from pipeline.postprocess import choose
     from train.trainer import fit
 
-    root = Path(base.run_dir)
     folds = fold_runs(root, n_folds)
     jobs: list[tuple[Path, int | str]] = [(run, k) for k, run in enumerate(folds)]
     if with_all:
@@ -43,7 +60,10 @@ def run_cv(base: TrainConfig, n_folds: int, with_all: bool = True, progress: boo
     for run, fold in jobs:
         fields = base.to_dict() | {"run_dir": str(run), "fold": fold, "n_folds": None if fold == ALL else n_folds}
         print(f"== {run.name} ==", flush=True)
-        fit(TrainConfig.from_dict(fields), resume=(run / "last.pt").exists(), progress=progress)
+        folder = RunDir(run)
+        resume = folder.last.is_file() and not overwrite
+        fresh = overwrite or not folder.has_checkpoint()  # nothing to keep in a run killed before its first epoch
+        fit(TrainConfig.from_dict(fields), resume=resume, overwrite=fresh and not resume, progress=progress)
     if distributed.from_env().main:  # under torchrun the folds train on every rank; rank 0 chooses alone
         preds, truths = out_of_fold(folds, P.PredictConfig(), progress=progress)
         post = choose(preds, truths)
@@ -65,15 +85,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     with_all, progress = not args.pop("no_all"), not args.pop("no_progress")
     args.pop("resume")  # every run resumes when it has a checkpoint
+    overwrite = args.pop("overwrite")
     if args.get("fold") not in (None, 0, "0"):
         print("error: train.cv trains every fold; it takes no --fold", file=sys.stderr)
         return 2
     n_folds = int(args.pop("n_folds") or 5)
     args.pop("fold")
     try:
-        run_cv(TrainConfig(**args), n_folds, with_all, progress)
+        cfg = TrainConfig(**args)
+        _, code = distributed.run_rank(lambda: run_cv(cfg, n_folds, with_all, progress, overwrite),
+                                       distributed.from_env())
+        if code:
+            return code
     except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
     return 0
 

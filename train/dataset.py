@@ -16,7 +16,6 @@ import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.cache import CachedCase, open_cache, open_case
+from pipeline.cache.location import Location
 from pipeline.errors import ConfigError
 from pipeline.sampling import choose_patch_start
 from train.augment import LEVELS, AugmentConfig, region_for, spatial_draw
@@ -46,14 +46,14 @@ class PatchDataset(Dataset[dict[str, Any]]):
     Stores paths only; every process or thread opens cases lazily on first use
     and reads only the chunks a patch touches. The loader is a pure chunk
     reader: flips and every other augmentation run batched on the training
-    device (train/augment.py), so no patch is copied on the CPU.
+    device (train/augment/), so no patch is copied on the CPU.
 
     Returns per item a dict: ``image`` (4, px, py, pz) float16 tensor,
     ``label`` (px, py, pz) uint8 tensor, ``case_id``, ``start``, ``fg_class``
     (class the patch was centred on, 0 for a uniform draw).
     """
 
-    def __init__(self, cache_dir: str | Path, case_ids: Sequence[str], spec: PatchSpec, length: int) -> None:
+    def __init__(self, cache_dir: str | Location, case_ids: Sequence[str], spec: PatchSpec, length: int) -> None:
         if not case_ids:
             raise ConfigError("PatchDataset needs at least one case")
         self.cache_dir = str(cache_dir)

@@ -11,9 +11,11 @@ no-op for a single process.
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Sequence, TypeVar
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -110,14 +112,42 @@ def rank_device(device: torch.device, world: World) -> torch.device:
     return device
 
 
+#: Words of a failure that is this rank's own, even inside a collective (NCCL wraps a CUDA error of its own
+#: rank in its messages): it keeps its traceback.
+_OWN = ("cuda error", "out of memory", "device-side assert", "illegal memory access", "cublas", "cudnn")
+#: Words of a collective that failed because a peer did: it died (connection closed, reset, refused, broken
+#: pipe, communicator aborted) or did not answer in time (timed out, the watchdog).
+_PEER = ("connection reset", "connection closed", "connection refused", "broken pipe", "timed out", "timeout",
+         "watchdog", "aborted")
+
+
 def is_collective_failure(exc: BaseException) -> bool:
-    """Whether ``exc`` says a collective failed: another rank died (connection closed or reset) or did not
-    answer within the timeout. torch raises DistError subclasses for some, gloo plain RuntimeErrors."""
-    if isinstance(exc, dist.DistError):
-        return True
+    """Whether ``exc`` says a collective failed because of *another* rank: it died or did not answer within
+    the timeout (torch raises DistError subclasses for some, gloo plain RuntimeErrors). A rank's own error
+    (a CUDA error, an out-of-memory, even when NCCL reports it) is not one: it keeps its traceback."""
     text = str(exc).lower()
-    return any(s in text for s in ("gloo", "nccl", "processgroup", "connection reset", "connection closed",
-                                   "timed out waiting"))
+    if any(s in text for s in _OWN):
+        return False
+    return isinstance(exc, dist.DistError) or any(s in text for s in _PEER)
+
+
+def run_rank(work: Callable[[], T], world: World) -> tuple[T | None, int]:
+    """Run one rank's ``work`` and leave the process group after it, whatever happens.
+
+    Returns:
+        (the result, 0); or (None, 3) after printing one line when a peer's failure ended the job. A rank's
+        own exception propagates with its traceback.
+    """
+    try:
+        return work(), 0
+    except RuntimeError as exc:  # torch.distributed.DistError is one too
+        if not (world.parallel and is_collective_failure(exc)):
+            raise  # this rank's own error: keep the traceback
+        print(f"error: rank {world.rank} of {world.size}: the distributed job failed (a rank died or hung past "
+              f"--dist-timeout): {first_line(exc)}", file=sys.stderr)
+        return None, 3
+    finally:
+        shutdown()
 
 
 def first_line(exc: BaseException) -> str:

@@ -35,14 +35,17 @@ from tqdm import tqdm
 
 from pipeline import lesions, nifti
 from pipeline import transforms as T
+from pipeline.atomic import atomic_path, remove_leftovers
+from pipeline.brats import REGIONS
 from pipeline.cache import open_cache, open_case
+from pipeline.cache.location import Location, redact, redact_tree
 from pipeline.device import resolve_device
 from pipeline.errors import CaseError, CheckpointError, PipelineError
-from pipeline.brats import REGIONS
-from pipeline.metrics import evaluate_case, summarise
+from pipeline.metrics import HD95_METHODS, evaluate_case, summarise
 from pipeline.provenance import run_record
 from train import predict as P
 from train.checkpoint import load_checkpoint
+from train.run import TENSORBOARD, RunDir
 
 #: (predicted classes, reference classes, spacing in mm), both (X, Y, Z) uint8.
 Pair = tuple[np.ndarray, np.ndarray, tuple[float, float, float]]
@@ -100,15 +103,14 @@ def _folder_pair(files: nifti.CaseFiles, pred_path: Path) -> Pair:
     return to_classes(cid, pred_path, pred, label_map), to_classes(cid, files.seg, gt, label_map), spacing
 
 
-def _cache_pair(cache_dir: Path, case_id: str, pred_path: Path) -> Pair:
+def _cache_pair(cache_dir: Location, case_id: str, pred_path: Path) -> Pair:
     """Prediction file and a cached case's label uncropped to the original grid, as classes."""
     case = open_case(cache_dir, case_id)
-    box, shape, gt_affine, label_map = P.cached_geometry(case.attrs)
-    gt = T.uncrop(case.read_label(), box, shape)
+    g = case.geometry
+    gt = T.uncrop(case.read_label(), g.box, g.original_shape)
     pred, affine, _ = _read(case_id, pred_path)
-    _check_grid(case_id, pred_path, pred, affine, gt.shape, gt_affine)
-    sx, sy, sz = (float(v) for v in case.attrs["spacing"])
-    return to_classes(case_id, pred_path, pred, label_map), gt, (sx, sy, sz)
+    _check_grid(case_id, pred_path, pred, affine, gt.shape, g.affine)
+    return to_classes(case_id, pred_path, pred, g.label_map), gt, g.spacing
 
 
 def _prediction_path(pred_dir: Path, case_id: str) -> Path | None:
@@ -142,7 +144,7 @@ def _folder_loaders(pred_dir: Path, gt_dir: Path) -> tuple[list[Loader], dict[st
     return loaders, failed
 
 
-def evaluate_loaders(loaders: list[Loader], progress: bool = True, lesion_wise: bool = False
+def evaluate_loaders(loaders: list[Loader], progress: bool = True, lesion_wise: bool = False, hd95: str = "brats"
                      ) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Metrics of every case (``case_id`` first), with the lesion-wise ones if asked; failures are reported and
     collected, not raised."""
@@ -151,9 +153,9 @@ def evaluate_loaders(loaders: list[Loader], progress: bool = True, lesion_wise: 
     for case_id, load in tqdm(loaders, desc="evaluate", unit="case", disable=not progress):
         try:
             pred, gt, spacing = load()
-            row = {"case_id": case_id, **evaluate_case(pred, gt, spacing)}
+            row = {"case_id": case_id, **evaluate_case(pred, gt, spacing, hd95_method=hd95)}
             if lesion_wise:
-                row.update(lesions.lesion_wise(pred, gt, spacing))
+                row.update(lesions.lesion_wise(pred, gt, spacing, hd95_method=hd95))
             rows.append(row)
         except (PipelineError, OSError, ValueError, MemoryError) as exc:
             failed[case_id] = str(exc) if isinstance(exc, CaseError) else f"{case_id}: {type(exc).__name__}: {exc}"
@@ -165,7 +167,7 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], failed: dict[str, str]) -
     """One row per case, sorted by id: metrics, or an ``error`` and empty metrics."""
     keys = list(dict.fromkeys(k for row in rows for k in row if k != "case_id"))
     table = [*rows, *({"case_id": cid, "error": msg} for cid, msg in failed.items())]
-    with path.open("w", newline="") as fh:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["case_id", *keys, "error"], restval="")
         writer.writeheader()
         writer.writerows(sorted(table, key=lambda r: str(r["case_id"])))
@@ -183,7 +185,8 @@ def _write_boxplot(path: Path, rows: list[dict[str, Any]]) -> None:
         ax.set_title(f"{metric} per region (n = {len(rows)})")
         ax.set_ylabel(metric + unit)
         ax.grid(axis="y", alpha=0.3)
-    fig.savefig(path, dpi=120)
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, dpi=120)
 
 
 def format_table(summary: dict[str, Any]) -> str:
@@ -205,19 +208,22 @@ def write_reports(out_dir: Path, rows: list[dict[str, Any]], failed: dict[str, s
                   extra: dict[str, Any]) -> dict[str, Any]:
     """Write ``metrics.csv``, ``summary.json`` and ``boxplot.png``; return the summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(out_dir)
     metrics = summarise([{k: v for k, v in r.items() if k != "case_id"} for r in rows])
     summary = {
         "n_cases": len(rows), "n_failed": len(failed), "failed": dict(sorted(failed.items())),
         "metrics": metrics, **extra, "record": run_record(),
     }
     _write_csv(out_dir / "metrics.csv", rows, failed)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary = dict(redact_tree(summary))
+    with atomic_path(out_dir / "summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
     _write_boxplot(out_dir / "boxplot.png", rows)
     return summary
 
 
 def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, out_dir: str | Path | None = None,
-                     *, progress: bool = True, lesion_wise: bool = False) -> dict[str, Any]:
+                     *, progress: bool = True, lesion_wise: bool = False, hd95: str = "brats") -> dict[str, Any]:
     """Evaluate ``PRED/<case_id>.nii.gz`` against the raw GT cases; reports go to ``out_dir`` (default PRED).
 
     Returns:
@@ -230,20 +236,17 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, out_dir: str | Pa
     if not pred_dir.is_dir():
         raise FileNotFoundError(f"prediction folder not found: {pred_dir}")
     loaders, missing = _folder_loaders(pred_dir, gt_dir)
-    rows, failed = evaluate_loaders(loaders, progress, lesion_wise)
+    rows, failed = evaluate_loaders(loaders, progress, lesion_wise, hd95)
     known = {cid for cid, _ in loaders} | set(missing)
     extra = {"pred_dir": str(pred_dir), "gt_dir": str(gt_dir), "predictions_without_gt": _unmatched(pred_dir, known)}
     return write_reports(Path(out_dir or pred_dir), rows, {**missing, **failed}, extra)
 
 
 def _validation_ids(state: dict[str, Any], run_dir: Path) -> list[str]:
-    """``split["val"]`` of a checkpoint, else of ``RUN/split.json``."""
-    split = state.get("split")
-    if not isinstance(split, dict) and (run_dir / "split.json").is_file():
-        split = json.loads((run_dir / "split.json").read_text())
-    ids = split.get("val") if isinstance(split, dict) else None
-    if not isinstance(ids, list) or not ids:
-        raise CheckpointError(f"{state.get('path', run_dir)}: no validation cases in its split ({ids!r})")
+    """The run's validation cases (its split: :meth:`train.run.RunDir.split`)."""
+    ids = RunDir(run_dir).split(state)["val"]
+    if not ids:
+        raise CheckpointError(f"{state.get('path', run_dir)}: no validation cases in its split (a --fold all run)")
     return [str(i) for i in ids]
 
 
@@ -264,7 +267,8 @@ def _log_tensorboard(tb_dir: Path, summary: dict[str, Any], step: int) -> None:
 
 
 def evaluate_run(run_dir: str | Path, cfg: P.PredictConfig | None = None, *, cache_dir: str | Path | None = None,
-                 out_dir: str | Path | None = None, progress: bool = True, lesion_wise: bool = False
+                 out_dir: str | Path | None = None, progress: bool = True, lesion_wise: bool = False,
+                 hd95: str = "brats"
                  ) -> dict[str, Any]:
     """Predict and evaluate a run's validation cases straight from its cache.
 
@@ -289,11 +293,11 @@ def evaluate_run(run_dir: str | Path, cfg: P.PredictConfig | None = None, *, cac
     loaders: list[Loader] = [
         (cid, partial(_cache_pair, open_cache(cache).path, cid, pred_dir / f"{cid}.nii.gz")) for cid in done.written
     ]
-    rows, failed = evaluate_loaders(loaders, progress, lesion_wise)
+    rows, failed = evaluate_loaders(loaders, progress, lesion_wise, hd95)
     extra = {"checkpoint": predictor.checkpoint, "step": predictor.step, "cache_dir": str(cache),
              "predictions": str(pred_dir), "settings": cfg.to_dict()}
     summary = write_reports(Path(out_dir or run_dir / "evaluation"), rows, {**done.failed, **failed}, extra)
-    _log_tensorboard(run_dir / "tb", summary, predictor.step)
+    _log_tensorboard(RunDir(run_dir).file(TENSORBOARD), summary, predictor.step)
     return summary
 
 
@@ -316,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also the BraTS 2023+ lesion-wise Dice and HD95 per region (lesions merged after 3 "
                    "dilations, lesions of 50 mm3 or less not scored, each miss or false-positive lesion scores "
                    "Dice 0 and HD95 374 mm), with lesion TP/FN/FP counts")
+    p.add_argument("--hd95", choices=list(HD95_METHODS), default="brats",
+                   help="brats: as the BraTS organisers' code (per direction, weighted by surface area, the larger; "
+                   "374 mm when one mask is empty); pooled: MedPy's (both directions' distances in one list, as "
+                   "nnU-Net v1 and the BraTS toolkit; 373.13 mm)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     P.add_inference_args(p)
     return p
@@ -330,12 +338,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.run:
             summary = evaluate_run(args.run, P.config_from_args(args), cache_dir=args.cache_dir,
-                                   out_dir=args.out, progress=not args.no_progress, lesion_wise=args.lesion_wise)
+                                   out_dir=args.out, progress=not args.no_progress, lesion_wise=args.lesion_wise,
+                                   hd95=args.hd95)
         else:
             summary = evaluate_folders(args.pred, args.gt, args.out, progress=not args.no_progress,
-                                       lesion_wise=args.lesion_wise)
+                                       lesion_wise=args.lesion_wise, hd95=args.hd95)
     except (PipelineError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
     print(format_table(summary))
     for message in summary["failed"].values():

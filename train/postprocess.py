@@ -12,7 +12,6 @@ applies it by default.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,14 +19,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.atomic import atomic_path
 from pipeline.cache import open_cache, open_case
+from pipeline.cache.location import redact
 from pipeline.device import resolve_device
 from pipeline.errors import CheckpointError, PipelineError
 from pipeline.inference import probs_to_labels
 from pipeline.postprocess import PostProcessing, choose
 from train import predict as P
 from train.checkpoint import load_checkpoint
+from train.run import RunDir
 
 
 def out_of_fold(runs: Sequence[Path], cfg: P.PredictConfig, progress: bool = True
@@ -42,8 +42,7 @@ def out_of_fold(runs: Sequence[Path], cfg: P.PredictConfig, progress: bool = Tru
     device = resolve_device(cfg.device)
     for run in runs:
         state = load_checkpoint(run)
-        split = state.get("split") or {}
-        ids = [str(c) for c in split.get("val", [])]
+        ids = [str(c) for c in RunDir(Path(state["path"]).parent).split(state)["val"]]
         if not ids:
             raise CheckpointError(f"{run}: has no validation cases (a --fold all run cannot choose post-processing)")
         cache = open_cache(str(state["train_config"]["cache_dir"])).path  # a cache or a root holding one; or a URL
@@ -59,10 +58,7 @@ def out_of_fold(runs: Sequence[Path], cfg: P.PredictConfig, progress: bool = Tru
 
 def write_postprocessing(run_dir: Path, post: PostProcessing) -> Path:
     """Write ``RUN/postprocessing.json`` atomically."""
-    path = run_dir / P.POSTPROCESSING
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(json.dumps(post.to_dict(), indent=2))
-    return path
+    return RunDir(run_dir).write_postprocessing(post)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,11 +87,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise CheckpointError(f"--apply-to {run}: not a run directory")
             write_postprocessing(run, post)
     except (PipelineError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
     print(f"post-processing chosen on {len(preds)} out-of-fold cases: {post.describe()}")
+    effects = {e[0]: e[1:] for e in post.effects}
     for name, d, h in post.scores:
-        print(f"  {name:<10} mean Dice {d:.4f}  mean HD95 {h:.1f} mm")
+        helped, hurt, destroyed, unguarded = effects.get(name, (0, 0, 0, False))
+        hd = f"{h:6.1f} mm" if h == h else "     - mm"  # NaN: not computed (its Dice did not tie the best)
+        print(f"  {name:<16} mean Dice {d:.4f}  mean HD95 {hd}  cases helped {helped}, hurt {hurt}, "
+              f"destroyed a region in {destroyed}{' (runs unguarded)' if unguarded else ''}")
     return 0
 
 

@@ -26,7 +26,7 @@ import dataclasses
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -37,9 +37,10 @@ import torch
 from tqdm import tqdm
 
 from pipeline import transforms as T
+from pipeline.atomic import atomic_path, remove_leftovers
+from pipeline.brats import CHANNEL_NAMES, LOSS_OUTPUT, check_case_id
 from pipeline.cache import open_cache, open_case
-from pipeline.cache.location import is_url
-from pipeline.brats import CHANNEL_NAMES, LOSS_OUTPUT
+from pipeline.cache.location import Location, is_url, redact, redact_tree
 from pipeline.config import Config
 from pipeline.device import autocast_dtype, cpu_bf16, resolve_device
 from pipeline.errors import CaseError, CheckpointError, ConfigError, PipelineError
@@ -48,9 +49,9 @@ from pipeline.nifti import CaseFiles, discover_cases, read_case, save_volume
 from pipeline.postprocess import PostProcessing, apply
 from pipeline.provenance import run_record
 from train import distributed
-from train.checkpoint import CHECKPOINT_NAMES, load_checkpoint, model_from_checkpoint
+from train.checkpoint import load_checkpoint, model_from_checkpoint
+from train.run import RunDir
 
-POSTPROCESSING = "postprocessing.json"
 #: Output activation per training loss mode.
 Output = Literal["sigmoid", "softmax"]
 OUTPUT_OF_MODE = cast(dict[str, Output], LOSS_OUTPUT)
@@ -167,8 +168,8 @@ def run_checkpoints(runs: Sequence[str | Path]) -> list[Path]:
     """
     found: list[Path] = []
     for run in map(Path, runs):
-        nested = sorted(d for d in run.iterdir() if d.is_dir() and any((d / n).exists() for n in CHECKPOINT_NAMES)) \
-            if run.is_dir() and not any((run / n).exists() for n in CHECKPOINT_NAMES) else []
+        nested = sorted(d for d in run.iterdir() if d.is_dir() and RunDir(d).has_checkpoint()) \
+            if run.is_dir() and not RunDir(run).has_checkpoint() else []
         found += nested or [run]
     if not found:
         raise CheckpointError(f"no checkpoint in {[str(r) for r in runs]}")
@@ -237,24 +238,22 @@ def load_predictor(state: dict[str, Any], device: torch.device) -> Predictor:
     # bf16 where the hardware runs it natively (as the recipes train), else full precision
     amp = autocast_dtype(device, "bf16") if device.type == "cuda" or cpu_bf16() else None
     if amp is not None and device.type == "cpu":
-        model = model.to(memory_format=torch.channels_last_3d)
+        model = model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]  # torch's stubs
     return Predictor(model, output, p, dtype, device, str(path), int(state.get("step", 0)), amp,
                      load_postprocessing(Path(str(path)).parent))
 
 
 def load_postprocessing(run_dir: Path) -> PostProcessing | None:
-    """``RUN/postprocessing.json``, or None when the run has none.
+    """``RUN/postprocessing.json``, or None when the run has none; a file of an older version is read, with a
+    warning that says what changed.
 
     Raises:
         CheckpointError: the file exists but is not valid post-processing settings.
     """
-    path = run_dir / POSTPROCESSING
-    if not path.is_file():
-        return None
-    try:
-        return PostProcessing.from_dict(json.loads(path.read_text()))
-    except (ValueError, TypeError) as exc:
-        raise CheckpointError(f"{path}: not valid post-processing settings: {exc}") from exc
+    post, note = RunDir(run_dir).postprocessing()
+    if note:
+        print(f"warning: {run_dir}: postprocessing.json {note}", file=sys.stderr)
+    return post
 
 
 def postprocessing_of(predictor: Predictor, cfg: PredictConfig) -> PostProcessing | None:
@@ -289,26 +288,19 @@ def load_raw_input(files: CaseFiles, input_dtype: str = "float16") -> CaseInput:
     )
 
 
-def cached_geometry(attrs: dict[str, Any]) -> tuple[T.Box, tuple[int, int, int], np.ndarray, dict[int, int]]:
-    """Crop box, original (X, Y, Z), (4, 4) affine and raw -> class label map of a cached case."""
-    (x0, x1), (y0, y1), (z0, z1) = ((int(lo), int(hi)) for lo, hi in attrs["bbox"])
-    sx, sy, sz = (int(s) for s in attrs["original_shape"])
-    label_map = {int(raw): int(cls) for raw, cls in attrs["label_map"].items()}
-    return ((x0, x1), (y0, y1), (z0, z1)), (sx, sy, sz), np.asarray(attrs["affine"], dtype=np.float64), label_map
-
-
-def load_cached_input(cache_dir: str | Path, case_id: str) -> CaseInput:
+def load_cached_input(cache_dir: str | Location, case_id: str) -> CaseInput:
     """One case from a cache: its stored image, crop box, grid, affine and label map."""
     case = open_case(cache_dir, case_id)
-    box, shape, affine, label_map = cached_geometry(case.attrs)
-    return CaseInput(case_id, case.read_image().astype(np.float32), box, shape, affine, None, label_map)
+    g = case.geometry
+    return CaseInput(case_id, case.read_image().astype(np.float32), g.box, g.original_shape, g.affine, None,
+                     g.label_map)
 
 
 def _missing(case_id: str, where: str) -> CaseInput:
     raise CaseError(case_id, where, "case not found in the input")
 
 
-def _select(found: dict[str, Source], case_ids: Sequence[str] | None, where: str) -> list[Source]:
+def _select(found: Mapping[str, Source], case_ids: Sequence[str] | None, where: str) -> list[Source]:
     """Sources of ``case_ids`` (default: all, sorted); an unknown id fails when loaded."""
     ids = list(case_ids) if case_ids else sorted(found)
     return [found[c] if c in found else (c, where, partial(_missing, c, where)) for c in ids]
@@ -344,7 +336,7 @@ def to_raw_labels(label: np.ndarray, case: CaseInput) -> np.ndarray:
 
 def write_label(out_dir: Path, case: CaseInput, label: np.ndarray) -> Path:
     """Write cropped classes as ``<out_dir>/<case_id>.nii.gz`` raw labels that overlay the input."""
-    path = out_dir / f"{case.case_id}.nii.gz"
+    path = out_dir / f"{check_case_id(case.case_id, str(out_dir))}.nii.gz"
     save_volume(path, to_raw_labels(label, case), case.affine, case.header)
     return path
 
@@ -355,7 +347,7 @@ def write_probabilities(out_dir: Path, case: CaseInput, probs: torch.Tensor, out
     full = T.uncrop(arr, case.box, case.original_shape, fill=0.0)
     if output == "softmax":  # outside the brain is certainly background
         full[0] = T.uncrop(arr[0], case.box, case.original_shape, fill=1.0)
-    path = out_dir / f"{case.case_id}_probabilities.nii.gz"
+    path = out_dir / f"{check_case_id(case.case_id, str(out_dir))}_probabilities.nii.gz"
     save_volume(path, np.ascontiguousarray(np.moveaxis(full, 0, -1)), case.affine, case.header)
     return path
 
@@ -387,6 +379,7 @@ def predict_cases(
     t0 = time.perf_counter()
     summary = PredictSummary(Path(out_dir))
     summary.out_dir.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(summary.out_dir)  # temporaries of a killed earlier prediction (never a live writer's)
     for case_id, where, load in tqdm(sources, desc="predict", unit="case", disable=not progress):
         try:
             predict_case(predictor, load(), summary.out_dir, cfg)
@@ -406,8 +399,9 @@ def record_name(world: distributed.World) -> str:
 
 
 def write_record(summary: PredictSummary, predictor: Predictor, cfg: PredictConfig, source: str,
-                 world: distributed.World = distributed.World()) -> Path:
+                 world: distributed.World | None = None) -> Path:
     """Write ``predict_record.json`` (see :func:`record_name`) beside the predictions."""
+    world = world or distributed.World()
     n = len(summary.written) + len(summary.failed)
     body = {
         "checkpoint": predictor.checkpoint, "members": list(predictor.members), "step": predictor.step,
@@ -421,7 +415,8 @@ def write_record(summary: PredictSummary, predictor: Predictor, cfg: PredictConf
         "record": run_record(),
     }
     path = summary.out_dir / record_name(world)
-    path.write_text(json.dumps(body, indent=2))
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(redact_tree(body), indent=2))
     return path
 
 
@@ -520,7 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             case_ids=args.cases, progress=not args.no_progress,
         )
     except (PipelineError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
     finally:
         distributed.shutdown()

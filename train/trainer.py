@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, cast
 
 import numpy as np
@@ -19,8 +19,9 @@ from tqdm import tqdm
 
 from pipeline.brats import LOSS_OUTPUT
 from pipeline.cache import open_cache, open_case
-from pipeline.cache.location import Location
+from pipeline.cache.location import Location, redact_tree
 from pipeline.device import autocast_dtype, cpu_bf16, resolve_device
+from pipeline.errors import CheckpointError, ConfigError, PipelineError, RunDirError
 from pipeline.inference import probs_to_labels, sliding_window_predict
 from pipeline.losses import LossConfig, SegmentationLoss, num_outputs
 from pipeline.metrics import batch_region_dice
@@ -28,10 +29,10 @@ from pipeline.model import ModelConfig, build_model, model_preset
 from pipeline.provenance import run_record
 from train import distributed
 from train.augment import augment_batch, augment_level, sample_generators
-from pipeline.errors import CheckpointError, ConfigError
 from train.checkpoint import load_checkpoint, save_checkpoint
 from train.config import ALL, RECIPE_POSTPROCESSING, TrainConfig, recipe_name, resolve
 from train.dataset import PatchDataset, PatchSpec, make_batches, split_cases
+from train.run import CONFIG, POSTPROCESSING, RECORD, SPLIT, TENSORBOARD, RunDir
 from train.visual import overlay_slice
 
 
@@ -88,9 +89,9 @@ def build(cfg: TrainConfig) -> Parts:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_model(model_cfg).to(device)
     if cfg.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # type: ignore[no-untyped-call]  # torch's
     if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
+        model = model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]  # torch's stubs
     distributed.init(device, cfg.dist_timeout)
     step_model: nn.Module = model
     if world.parallel:
@@ -117,7 +118,7 @@ def lr_factor(schedule: str, progress: float) -> float:
     p = min(max(progress, 0.0), 1.0)
     if schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * p))
-    return (1.0 - p) ** 0.9
+    return float((1.0 - p) ** 0.9)
 
 
 @dataclass
@@ -192,8 +193,8 @@ def validate(parts: Parts) -> tuple[dict[str, float], np.ndarray | None]:
         case = open_case(parts.cache_dir, cid)
         image = torch.from_numpy(case.read_image()).float()
         probs = sliding_window_predict(
-            parts.model, image, patch_size=parts.cfg.patch_size, overlap=parts.cfg.val_overlap,
-            batch_size=parts.cfg.batch_size, device=parts.device,
+            parts.model, image, patch_size=tuple(parts.cfg.patch_size or ()), overlap=parts.cfg.val_overlap,
+            batch_size=int(parts.cfg.batch_size or 1), device=parts.device,
             autocast_dtype=autocast_dtype(parts.device, str(parts.cfg.amp)), output=mode,
         )
         pred = probs_to_labels(probs, mode).numpy()
@@ -212,7 +213,7 @@ def validate(parts: Parts) -> tuple[dict[str, float], np.ndarray | None]:
 def _state(parts: Parts, step: int, epoch: int, best: float, history: list[dict[str, float]],
            clock: Clock, samples: int) -> dict[str, Any]:
     """A checkpoint: weights, optimiser, scaler, RNG, time spent, samples drawn, configs (weights_only-safe)."""
-    rng = {"torch": torch.get_rng_state()}
+    rng: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     return {
@@ -221,7 +222,7 @@ def _state(parts: Parts, step: int, epoch: int, best: float, history: list[dict[
         "history": history, "rng": rng, "elapsed_s": clock.elapsed(), "samples": samples,
         "world_size": parts.world.size,
         "model_config": parts.model_cfg.to_dict(), "loss_config": parts.loss_cfg.to_dict(),
-        "train_config": parts.cfg.to_dict(), "preprocess_config": open_cache(parts.cache_dir).manifest["preprocess"],
+        "train_config": redact_tree(parts.cfg.to_dict()), "preprocess_config": open_cache(parts.cache_dir).manifest["preprocess"],
         "split": parts.split,
     }
 
@@ -282,20 +283,34 @@ def check_resume(parts: Parts, state: dict[str, Any]) -> None:
     parts.split = dict(state["split"])
 
 
-def _write_run_files(parts: Parts, run_dir: Path) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(
-        {"train": parts.cfg.to_dict(), "model": parts.model_cfg.to_dict(), "loss": parts.loss_cfg.to_dict()},
-        indent=2))
-    (run_dir / "split.json").write_text(json.dumps(parts.split, indent=2))
-    (run_dir / "run_record.json").write_text(json.dumps(run_record(), indent=2))
-    post = run_dir / "postprocessing.json"
-    if not post.exists():  # the recipe's choice until train.postprocess chooses on this run's folds
-        default = RECIPE_POSTPROCESSING[recipe_name(parts.device.type)]
-        post.write_text(json.dumps(default.to_dict(), indent=2))
+def _write_run_files(parts: Parts, run: RunDir) -> None:
+    run.write_json(CONFIG, {"train": parts.cfg.to_dict(), "model": parts.model_cfg.to_dict(),
+                            "loss": parts.loss_cfg.to_dict()})
+    run.write_json(SPLIT, parts.split)
+    run.write_json(RECORD, run_record())
+    if not run.file(POSTPROCESSING).exists():  # the recipe's choice until train.postprocess chooses on its folds
+        run.write_postprocessing(RECIPE_POSTPROCESSING[recipe_name(parts.device.type)])
 
 
-def fit(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+@contextmanager
+def _own(run: RunDir, world: distributed.World, resume: bool, overwrite: bool) -> Iterator[None]:
+    """Rank 0 holds the run folder's lock and claims it for the block; every rank fails if that fails."""
+    with ExitStack() as stack:
+        failure: Exception | None = None
+        if world.main:
+            try:
+                stack.enter_context(run.lock())
+                run.claim(resume=resume, overwrite=overwrite)
+            except PipelineError as exc:
+                failure = exc
+        if world.any(failure is not None):
+            raise failure if failure is not None else RunDirError(
+                f"{run.path}: rank 0 could not take the run folder (its error says why)")
+        yield
+
+
+def fit(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True
+        ) -> dict[str, Any]:
     """Train, validate and checkpoint; returns the last validation metrics and step timings.
 
     With ``resume``, continues from ``run_dir/last.pt`` where it stopped (the
@@ -312,28 +327,39 @@ def fit(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dic
     A run may resume on another number of ranks: it continues from the next
     unseen sample.
 
+    The run folder is this run's while it trains (:class:`train.run.RunDir`):
+    rank 0 holds its lock; without ``resume`` a folder that holds a run is
+    refused unless ``overwrite`` deletes that run first.
+
     Raises:
         ConfigError: the budget was spent before a single step completed.
+        RunDirError: the folder holds another run (or, with ``resume``, none).
+        LockedError: another process trains in the folder.
     """
-    parts, run_dir = build(cfg), Path(cfg.run_dir)
+    parts, run = build(cfg), RunDir(cfg.run_dir)
+    with _own(run, parts.world, resume, overwrite):
+        return _fit(parts, run, resume, progress)
+
+
+def _fit(parts: Parts, run: RunDir, resume: bool, progress: bool) -> dict[str, Any]:
+    """:func:`fit` in a run folder this process owns."""
     cfg, world = parts.cfg, parts.world
     budget_s = cfg.time_budget * 60.0 if cfg.time_budget else None
     clock = Clock(budget_s, cfg.total_steps)
-    step, epoch, best, history, samples = 0, 0, -1.0, [], 0
+    history: list[dict[str, float]] = []
+    step, epoch, best, samples = 0, 0, -1.0, 0
     if resume:
-        if not (run_dir / "last.pt").exists():
-            raise CheckpointError(f"nothing to resume: no last.pt in {run_dir}")
-        state = load_checkpoint(run_dir / "last.pt")
-        check_resume(parts, state)
-        step, epoch, best, history, samples = _restore(parts, state, clock)
+        saved = load_checkpoint(run.last)
+        check_resume(parts, saved)
+        step, epoch, best, history, samples = _restore(parts, saved, clock)
     clock.start()
     if world.main:
-        _write_run_files(parts, run_dir)
+        _write_run_files(parts, run)
     spec = PatchSpec(tuple(cfg.patch_size or ()), float(cfg.p_fg or 0.0), seed=cfg.seed,  # type: ignore[arg-type]
                      augment=augment_level(str(cfg.augment)))
     global_batch = int(cfg.batch_size or 1) * world.size
     dataset = PatchDataset(parts.cache_dir, parts.split["train"], spec, samples + cfg.total_steps * global_batch)
-    writer = SummaryWriter(str(run_dir / "tb"), purge_step=step or None) if world.main else None
+    writer = SummaryWriter(str(run.file(TENSORBOARD)), purge_step=step or None) if world.main else None
     last: dict[str, Any] = dict(history[-1]) if history else {}
     epochs = int(cfg.epochs or 1)
     state: dict[str, Any] = {"elapsed_s": clock.elapsed()}
@@ -352,16 +378,16 @@ def fit(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dic
                 if metrics.get("Dice_mean", -1.0) > best:
                     best = metrics["Dice_mean"]
                     if world.main:
-                        save_checkpoint(run_dir / "best.pt",
+                        save_checkpoint(run.best,
                                         _state(parts, step, epoch, best, history + [last], clock, samples))
             history.append(last)
             if world.main:
                 state = _state(parts, step, epoch, best, history, clock, samples)
-                save_checkpoint(run_dir / "last.pt", state)
+                save_checkpoint(run.last, state)
         if world.main and step > 0 and epoch < epochs and budget_s and state["elapsed_s"] < budget_s:
             # the budget ran out between the last checkpoint and the check before the next epoch: record the
             # clock that stopped the run, so that resuming it finds nothing left to do
-            save_checkpoint(run_dir / "last.pt", _state(parts, step, epoch, best, history, clock, samples))
+            save_checkpoint(run.last, _state(parts, step, epoch, best, history, clock, samples))
         world.barrier()  # no rank leaves before the last checkpoint is on disk
     finally:
         if writer is not None:

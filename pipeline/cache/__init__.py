@@ -8,6 +8,7 @@ Layout of a cache directory ``<root>/<name>-<key>/``::
         label   (X, Y, Z) uint8 classes 0..3 (only for cases with a label map)
         indices/<k>  (N, 3) int32 voxel coordinates of tumour class k
     .<case_id>.zarr.tmp-*    a case being written (never read)
+    .writer.lock             while a preprocessing run writes the cache: its host and pid
 
 Only this package imports zarr. Everything else goes through
 :func:`write_case`, :func:`open_case`, :func:`open_cache` and friends.
@@ -17,8 +18,10 @@ from pipeline.cache.store import (
     CODECS,
     FORMAT_VERSION,
     MANIFEST,
+    WRITER_LOCK,
     CachedCase,
     CacheInfo,
+    Geometry,
     PreprocessConfig,
     cache_dir_for,
     case_path,
@@ -37,8 +40,10 @@ __all__ = [
     "CODECS",
     "FORMAT_VERSION",
     "MANIFEST",
+    "WRITER_LOCK",
     "CachedCase",
     "CacheInfo",
+    "Geometry",
     "PreprocessConfig",
     "cache_dir_for",
     "case_path",

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from pipeline.cache.check import info_lines, verify
+from pipeline.cache.location import redact
 from pipeline.cache.store import open_cache
 from pipeline.errors import PipelineError
 
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cache = open_cache(args.cache)
     except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
     if args.command == "info":
         print("\n".join(info_lines(cache)))

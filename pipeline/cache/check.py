@@ -8,7 +8,7 @@ import numpy as np
 
 from pipeline.brats import CLASS_NAMES
 from pipeline.cache.location import Location, fs_path
-from pipeline.cache.store import CacheInfo, CachedCase, is_leftover, open_case
+from pipeline.cache.store import CachedCase, CacheInfo, is_leftover, open_case, written_chunks
 from pipeline.errors import CacheFormatError
 
 
@@ -44,6 +44,25 @@ def info_lines(cache: CacheInfo) -> list[str]:
 
 def verify_case(case: CachedCase) -> list[str]:
     """Every problem found in one case (empty if it is sound)."""
+    problems: list[str] = []
+    if case.chunk_record is None:
+        problems.append("no record of its chunk files (written by an older version): a missing chunk cannot be "
+                        "told from an empty one; preprocess again (--force) to add it")
+    else:
+        for name, keys in sorted(case.chunk_record.items()):
+            present = set(written_chunks(case.path / name))
+            lost = sorted(set(keys) - present)
+            if lost:
+                problems.append(f"{name}: {len(lost)} of {len(keys)} chunk files missing ({', '.join(lost[:5])}"
+                                f"{', ...' if len(lost) > 5 else ''})")
+    try:
+        return problems + _check_contents(case)
+    except (CacheFormatError, OSError, ValueError, KeyError, RuntimeError) as exc:
+        return [*problems, f"unreadable: {type(exc).__name__}: {exc}"]
+
+
+def _check_contents(case: CachedCase) -> list[str]:
+    """The problems of a case's arrays against its attributes."""
     a, problems = case.attrs, []
     box_shape = tuple(hi - lo for lo, hi in a["bbox"])
     if case.shape != box_shape:
@@ -62,7 +81,11 @@ def verify_case(case: CachedCase) -> list[str]:
         for cls, coords in case.indices().items():
             if len(coords) != a["index_counts"][str(cls)]:
                 problems.append(f"class {cls}: {len(coords)} indices, attrs say {a['index_counts'][str(cls)]}")
-            if len(coords) and not np.all(label[tuple(coords.T)] == cls):
+            inside = np.all((coords >= 0) & (coords < np.asarray(case.shape)), axis=1) if len(coords) else coords
+            if len(coords) and not np.all(inside):
+                problems.append(f"class {cls}: {int(np.count_nonzero(~inside))} indices outside the volume "
+                                f"{case.shape}")
+            elif len(coords) and not np.all(label[tuple(coords.T)] == cls):
                 problems.append(f"class {cls}: some indices do not point at class {cls}")
     return problems
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from upath import UPath
 
 from pipeline.errors import ConfigError
 
 #: A cache location: a local folder or an fsspec URL.
-Location = Union[Path, UPath]
+Location = Path | UPath
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 
@@ -87,3 +87,25 @@ def check_reachable(path: Location) -> None:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+#: scheme, then anything up to the token's last "@" (a secret may hold "/" and "+"), the rest, a query or fragment
+_CREDENTIALS = re.compile(r"\b([A-Za-z][A-Za-z0-9+.\-]*://)(?:[^\s'\"]*@)?([^\s?#'\"]*)(?:[?#][^\s'\"]*)?")
+
+
+def redact(text: str) -> str:
+    """``text`` with every URL's user, password, query string and fragment removed (``s3://KEY:SECRET@b/p?x``
+    becomes ``s3://b/p``): what may be printed or stored of a location. Credentials belong in the
+    environment (see the module's docstring), never in a URL."""
+    return _CREDENTIALS.sub(r"\1\2", text)
+
+
+def redact_tree(value: Any) -> Any:
+    """:func:`redact` applied to every string in nested dicts, lists and tuples (keys included)."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {redact_tree(k): redact_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact_tree(v) for v in value)
+    return value

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
 import os
 import shutil
+import sys
 import threading
 import time
 import uuid
@@ -22,13 +24,16 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from pipeline.atomic import atomic_path
+from pipeline.brats import check_case_id
 from pipeline.cache.location import Location, as_location, check_reachable, fs_path
 from pipeline.config import Config
-from pipeline.errors import CacheFormatError, ConfigError
+from pipeline.errors import CacheFormatError, CaseError, ConfigError
 
 #: Bumped whenever the layout, the attrs or the meaning of an array changes.
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+#: Held (see :mod:`pipeline.lock`) by the one preprocessing run that writes a local cache.
+WRITER_LOCK = ".writer.lock"
 _SUFFIX = ".zarr"
 #: Blosc compressors, and "none": raw chunk files that the reader memory-maps (the speed setting).
 CODECS = ("zstd", "lz4", "lz4hc", "blosclz", "zlib", "none")
@@ -45,8 +50,8 @@ class PreprocessConfig(Config):
         chunk: spatial chunk shape; a chunk holds all four channels.
         codec: Blosc compressor name, or ``"none"``: uncompressed chunk
             files, read by copying the patch out of memory-mapped chunks (the
-            speed setting, about 4.7x the disk of ``zstd``; see
-            docs/cache-format.md for when to pick it).
+            speed setting, several times the disk of ``zstd``; see
+            docs/cache-format.md for when to pick it, docs/benchmarks.md for its sizes).
         clevel: compression level 0..9.
         shuffle: Blosc byte filter.
         blocksize: Blosc block size in bytes (0: Blosc's choice); larger
@@ -94,8 +99,12 @@ def cache_dir_for(root: str | os.PathLike[str] | Location, name: str, cfg: Prepr
 
 
 def case_path(cache_dir: str | os.PathLike[str] | Location, case_id: str) -> Location:
-    """Where a complete case lives."""
-    return as_location(cache_dir) / f"{case_id}{_SUFFIX}"
+    """Where a complete case lives.
+
+    Raises:
+        CaseError: ``case_id`` is not a name (:func:`pipeline.brats.check_case_id`).
+    """
+    return as_location(cache_dir) / f"{check_case_id(case_id, str(cache_dir))}{_SUFFIX}"
 
 
 # ---------------------------------------------------------------- writing
@@ -171,7 +180,25 @@ def _write_group(where: Location, image: np.ndarray, label: np.ndarray | None, i
     idx_group = group.create_group("indices")
     for cls, coords in sorted(indices.items()):
         _create(idx_group, str(cls), coords.astype(np.int32), (max(len(coords), 1), 3), cfg)
-    group.attrs.update({**attrs, "format_version": FORMAT_VERSION, "complete": True})
+    written = {name: written_chunks(where / name) for name in ("image", "label") if name in group}
+    group.attrs.update({**attrs, "format_version": FORMAT_VERSION, CHUNK_RECORD: written, "complete": True})
+
+
+#: Case attribute: per array, the spatial chunk keys ("i/j/k") whose files were written. zarr writes no
+#: file for a chunk that is all fill value, so only this record tells a missing chunk from an empty one.
+CHUNK_RECORD = "chunk_files"
+
+
+def written_chunks(array: Location) -> list[str]:
+    """Spatial chunk keys ("i/j/k") of the chunk files under an array (its leading axes are unchunked)."""
+    meta = _ArrayMeta.load(array)
+    root = array.joinpath("c", *(["0"] * (len(meta.shape) - 3)))
+    if isinstance(root, Path):
+        files = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()] if root.exists() else []
+    else:
+        fs, inner = fs_path(root)
+        files = [f[len(inner.rstrip("/")) + 1:] for f in fs.find(inner)] if fs.exists(inner) else []
+    return sorted(f for f in files if f.count("/") == 2)
 
 
 #: Tests set this to a file name: the first case write then creates it and blocks, half written, until
@@ -311,6 +338,16 @@ def read_manifest(cache_dir: str | os.PathLike[str] | Location) -> dict[str, Any
             f"{path}: cache format version {manifest.get('format_version')}, this code reads {FORMAT_VERSION}; "
             "preprocess again"
         )
+    cases = manifest.get("cases")
+    if not isinstance(cases, list):
+        raise CacheFormatError(f"{path}: no list of cases")
+    kept = []
+    for cid in cases:
+        try:
+            kept.append(check_case_id(cid, str(path)))
+        except CaseError as exc:
+            print(f"warning: skipped: {exc}", file=sys.stderr)
+    manifest["cases"] = kept
     return dict(manifest)
 
 
@@ -346,6 +383,8 @@ class _ArrayMeta:
     dtype: np.dtype
     fast: bool  # bytes(little) [+ blosc], separator "/", fill 0, leading axes unchunked
     raw: bool  # no compressor: chunk files are the C-order bytes, memory-mapped
+    written: frozenset[str] | None = None  # chunk keys "i/j/k" with a file (None: a case of an older version)
+    case_id: str = "?"
 
     @classmethod
     def load(cls, path: Location) -> _ArrayMeta:
@@ -362,6 +401,44 @@ class _ArrayMeta:
             and chunks[:-3] == shape[:-3]
         )
         return cls(path, shape, chunks, np.dtype(meta["data_type"]).newbyteorder("<"), fast, names == ["bytes"])
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where a cached case came from: what a prediction needs to be put back in the original grid.
+
+    Attributes:
+        box: the crop, half-open ``((x0, x1), (y0, y1), (z0, z1))`` in the original grid.
+        original_shape: the original (X, Y, Z).
+        affine: (4, 4) voxel-to-world matrix of the source files.
+        spacing: voxel size in mm.
+        label_map: raw label -> class (2018-2021: 4 -> 3).
+    """
+
+    box: tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+    original_shape: tuple[int, int, int]
+    affine: np.ndarray
+    spacing: tuple[float, float, float]
+    label_map: dict[int, int]
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any], where: str) -> Geometry:
+        """Parse a case's attributes.
+
+        Raises:
+            CacheFormatError: a field is missing or malformed (names the case folder).
+        """
+        try:
+            (x0, x1), (y0, y1), (z0, z1) = ((int(lo), int(hi)) for lo, hi in attrs["bbox"])
+            sx, sy, sz = (int(s) for s in attrs["original_shape"])
+            dx, dy, dz = (float(s) for s in attrs["spacing"])
+            affine = np.asarray(attrs["affine"], dtype=np.float64)
+            label_map = {int(raw): int(c) for raw, c in attrs["label_map"].items()}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CacheFormatError(f"{where}: malformed geometry attributes ({type(exc).__name__}: {exc})") from None
+        if affine.shape != (4, 4):
+            raise CacheFormatError(f"{where}: affine of shape {affine.shape}, not (4, 4)")
+        return cls(((x0, x1), (y0, y1), (z0, z1)), (sx, sy, sz), affine, (dx, dy, dz), label_map)
 
 
 class CachedCase:
@@ -385,10 +462,25 @@ class CachedCase:
                 f"{self.path}: format version {attrs.get('format_version')}, this code reads {FORMAT_VERSION}"
             )
         self.attrs: dict[str, Any] = attrs
-        self.case_id: str = str(attrs["case_id"])
-        self._image = _ArrayMeta.load(self.path / "image")
-        self._label = _ArrayMeta.load(self.path / "label") if attrs.get("has_label") else None
+        self.case_id: str = check_case_id(attrs.get("case_id"), str(self.path))
+        if self.path.name != f"{self.case_id}{_SUFFIX}":
+            raise CacheFormatError(f"{self.path}: holds case {self.case_id!r}, not the case its folder names")
+        record = attrs.get(CHUNK_RECORD)
+        self.chunk_record: dict[str, list[str]] | None = record if isinstance(record, dict) else None
+
+        def array(name: str) -> _ArrayMeta:
+            meta = _ArrayMeta.load(self.path / name)
+            keys = None if self.chunk_record is None else frozenset(self.chunk_record.get(name, []))
+            return dataclasses.replace(meta, written=keys, case_id=self.case_id)
+
+        self._image = array("image")
+        self._label = array("label") if attrs.get("has_label") else None
         self._indices: dict[int, np.ndarray] | None = None
+
+    @property
+    def geometry(self) -> Geometry:
+        """The crop box, original grid, affine, spacing and label map (:class:`Geometry`)."""
+        return Geometry.from_attrs(self.attrs, str(self.path))
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -569,8 +661,17 @@ def _read_box(
             else:
                 numcodecs.blosc.decompress(chunk_file.read_bytes(), block)
         except FileNotFoundError:
+            key = "/".join(str(i) for i in ijk)
+            if meta.written is not None and key in meta.written:
+                raise CacheFormatError(f"{meta.case_id}: chunk {key} of {meta.path.name} is missing ({chunk_file}): "
+                                       "the cache is damaged; preprocess this case again (--force)") from None
             out[dst] = 0  # chunk never written: all fill value
             continue
+        except Exception as exc:  # blosc's "error during decompression", a short memory map, a bad reshape
+            key = "/".join(str(i) for i in ijk)
+            raise CacheFormatError(f"{meta.case_id}: chunk {key} of {meta.path.name} is corrupt ({chunk_file}: "
+                                   f"{type(exc).__name__}: {exc}): the cache is damaged; preprocess this case "
+                                   "again (--force)") from None
         src: tuple[Any, ...] = (Ellipsis, *(slice(a - i * c, b - i * c) for a, b, i, c in zip(g0, g1, ijk, cs)))
         out[dst] = block[src]
     return out

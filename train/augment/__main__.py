@@ -1,4 +1,4 @@
-"""``python -m train.augment --cache-dir C --n N --out DIR``: see what the network sees.
+"""``python -m train.augment --cache-dir C --n N --out DIR`` (``brats-augment``): see what the network sees.
 
 Cuts N training patches from a cache exactly as a run does (same sampling,
 enlarged reads for spatial transforms, the chosen augmentation level on the
@@ -21,6 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from pipeline.cache import open_cache, open_case
+from pipeline.cache.location import redact
 from pipeline.device import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.nifti import save_volume
@@ -59,7 +60,7 @@ def _tile(image: np.ndarray, label: np.ndarray) -> np.ndarray:
     return np.concatenate([t.transpose(1, 0, 2) for t in tiles], axis=1)
 
 
-def write_patches(patches: list[tuple[np.ndarray, ...]], out_dir: Path) -> Path:
+def write_patches(patches: Sequence[tuple[np.ndarray, ...]], out_dir: Path) -> Path:
     """NIfTI files per patch and ``mosaic.png``; returns the mosaic's path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     eye = np.eye(4)
@@ -100,7 +101,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     resolve_device(args.device))
         mosaic = write_patches(patches, args.out)
     except (PipelineError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
     print(f"wrote {len(patches)} augmented patches ({args.augment}) and {mosaic}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""The quality benchmark's protocol: intervals over cases, nested post-processing, grades apart."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from benchmarks.quality import LOW_GRADE, interval, nested_scores, summary_rows
+from pipeline.cache import open_case
+
+
+def test_the_interval_of_a_mean_is_students() -> None:
+    iv = interval([1.0, 2.0, 3.0])
+    assert iv["mean"] == 2.0 and iv["sd"] == 1.0 and iv["n"] == 3
+    half = 4.302652729911275 / math.sqrt(3)  # t(0.975, 2 degrees of freedom)
+    assert iv["low"] == pytest.approx(2.0 - half) and iv["high"] == pytest.approx(2.0 + half)
+    assert math.isnan(interval([0.5])["sd"])
+
+
+def test_post_processing_of_a_fold_is_chosen_without_its_cases(tiny_cache) -> None:
+    cache_dir, ids = tiny_cache
+    labels = {c: np.asarray(open_case(cache_dir, c).read_label()) for c in ids}
+    noisy = {c: labels[c].copy() for c in ids}
+    for c in ids:  # a false-positive island far from the tumour in every prediction
+        noisy[c][:3, :3, :3] = 2
+    by_fold = {0: {ids[0]: noisy[ids[0]]}, 1: {c: noisy[c] for c in ids[1:]}}
+    out = nested_scores(by_fold, cache_dir)
+    assert out["postprocessing_by_fold"]["0"]["settings"]["chosen_on"] == sorted(ids[1:])
+    assert out["postprocessing_by_fold"]["1"]["settings"]["chosen_on"] == [ids[0]]
+    assert out["pooled_choice"]["chosen_on"] == sorted(ids)
+    assert {r["case_id"] for r in out["cases"]} == set(ids) == {r["case_id"] for r in out["postprocessed_cases"]}
+    assert not out["postprocessing_effect"]["hurt"]
+    info = {"cases": out["cases"], "postprocessed_cases": out["postprocessed_cases"],
+            "pooled_in_sample_cases": out["pooled_in_sample_cases"]}
+    rows = summary_rows("recipe", {"plain": info})
+    assert rows and all(r[1].startswith(("all", "HGG/unknown")) for r in rows)  # no LGG among synthetic cases
+    assert not set(ids) & LOW_GRADE
