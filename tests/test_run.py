@@ -113,10 +113,10 @@ def test_leftovers_of_dead_writers_go_and_live_ones_stay(tmp_path: Path) -> None
 def test_one_rule_for_a_runs_split(tmp_path: Path) -> None:
     run = RunDir(tmp_path)
     with pytest.raises(CheckpointError, match="no split"):
-        run.split({})
+        run.split(None)
     run.write_json("split.json", {"train": ["a"], "val": ["b"], "fold": 0})
-    assert run.split({})["val"] == ["b"]
-    assert run.split({"split": {"train": ["b"], "val": ["a"]}})["val"] == ["a"]  # the checkpoint's wins
+    assert run.split(None)["val"] == ["b"]
+    assert run.split({"train": ["b"], "val": ["a"]})["val"] == ["a"]  # the checkpoint's wins
     with pytest.raises(ConfigError, match="give one"):
         run.claim(resume=True, overwrite=True)
     with pytest.raises(RunDirError, match="nothing to resume"):

@@ -44,7 +44,7 @@ from pipeline.errors import CaseError, CheckpointError, PipelineError
 from pipeline.metrics import HD95_METHODS, evaluate_case, summarise
 from pipeline.provenance import run_record
 from train import predict as P
-from train.checkpoint import load_checkpoint
+from train.checkpoint import RunState, load_state
 from train.run import TENSORBOARD, RunDir
 
 #: (predicted classes, reference classes, spacing in mm), both (X, Y, Z) uint8.
@@ -242,11 +242,11 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, out_dir: str | Pa
     return write_reports(Path(out_dir or pred_dir), rows, {**missing, **failed}, extra)
 
 
-def _validation_ids(state: dict[str, Any], run_dir: Path) -> list[str]:
+def _validation_ids(state: RunState, run_dir: Path) -> list[str]:
     """The run's validation cases (its split: :meth:`train.run.RunDir.split`)."""
-    ids = RunDir(run_dir).split(state)["val"]
+    ids = RunDir(run_dir).split(state.split)["val"]
     if not ids:
-        raise CheckpointError(f"{state.get('path', run_dir)}: no validation cases in its split (a --fold all run)")
+        raise CheckpointError(f"{state.path}: no validation cases in its split (a --fold all run)")
     return [str(i) for i in ids]
 
 
@@ -283,9 +283,9 @@ def evaluate_run(run_dir: str | Path, cfg: P.PredictConfig | None = None, *, cac
         The summary written to ``RUN/evaluation/summary.json``.
     """
     run_dir, cfg = Path(run_dir), cfg or P.PredictConfig()
-    state = load_checkpoint(run_dir)
+    state = load_state(run_dir)
     ids = _validation_ids(state, run_dir)
-    cache = str(cache_dir or state.get("train_config", {}).get("cache_dir", ""))  # a folder or a URL
+    cache = str(cache_dir or state.train_config.get("cache_dir", ""))  # a folder or a URL
     predictor = P.load_predictor(state, resolve_device(cfg.device))
     pred_dir = run_dir / "predictions" / "val"
     done = P.predict_cases(predictor, P.cache_sources(cache, ids), pred_dir, cfg, progress)

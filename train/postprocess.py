@@ -26,7 +26,7 @@ from pipeline.errors import CheckpointError, PipelineError
 from pipeline.inference import probs_to_labels
 from pipeline.postprocess import PostProcessing, choose
 from train import predict as P
-from train.checkpoint import load_checkpoint
+from train.checkpoint import load_state
 from train.run import RunDir
 
 
@@ -41,11 +41,11 @@ def out_of_fold(runs: Sequence[Path], cfg: P.PredictConfig, progress: bool = Tru
     truths: dict[str, np.ndarray] = {}
     device = resolve_device(cfg.device)
     for run in runs:
-        state = load_checkpoint(run)
-        ids = [str(c) for c in RunDir(Path(state["path"]).parent).split(state)["val"]]
+        state = load_state(run)
+        ids = [str(c) for c in RunDir(Path(state.path).parent).split(state.split)["val"]]
         if not ids:
             raise CheckpointError(f"{run}: has no validation cases (a --fold all run cannot choose post-processing)")
-        cache = open_cache(str(state["train_config"]["cache_dir"])).path  # a cache or a root holding one; or a URL
+        cache = open_cache(str(state.train_config.get("cache_dir", ""))).path  # a cache, a root holding one, a URL
         predictor = P.load_predictor(state, device)
         for cid in tqdm(ids, desc=f"predict {run.name}", unit="case", disable=not progress):
             if cid in preds:

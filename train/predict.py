@@ -49,7 +49,7 @@ from pipeline.nifti import CaseFiles, discover_cases, read_case, save_volume
 from pipeline.postprocess import PostProcessing, apply
 from pipeline.provenance import run_record
 from train import distributed
-from train.checkpoint import load_checkpoint, model_from_checkpoint
+from train.checkpoint import RunState, load_checkpoint, model_from_checkpoint
 from train.run import RunDir
 
 #: Output activation per training loss mode.
@@ -214,32 +214,33 @@ class PredictSummary:
         return not self.failed and (self.totals is None or self.totals[1] == 0)
 
 
-def load_predictor(state: dict[str, Any], device: torch.device) -> Predictor:
-    """Rebuild the network of a loaded checkpoint (see :func:`train.checkpoint.load_checkpoint`).
+def load_predictor(state: dict[str, Any] | RunState, device: torch.device) -> Predictor:
+    """Rebuild the network of a loaded checkpoint (see :func:`train.checkpoint.load_state`).
 
     Raises:
-        CheckpointError: unknown loss mode, missing patch size, or a channel
+        CheckpointError: missing keys, unknown loss mode, missing patch size, or a channel
             count that does not fit the mode.
     """
-    path = state.get("path", "checkpoint")
-    mode = state.get("loss_config", {}).get("mode")
+    s = state if isinstance(state, RunState) else RunState.from_checkpoint(state)
+    path = s.path
+    mode = s.loss_config.get("mode")
     if mode not in OUTPUT_OF_MODE:
         raise CheckpointError(f"{path}: loss_config mode {mode!r} is not one of {sorted(OUTPUT_OF_MODE)}")
     output = OUTPUT_OF_MODE[mode]
-    patch = state.get("train_config", {}).get("patch_size")
+    patch = s.train_config.get("patch_size")
     if not isinstance(patch, list) or len(patch) != 3:
         raise CheckpointError(f"{path}: train_config patch_size {patch!r} is not three ints")
-    model = model_from_checkpoint(state, device)
-    k = int(state["model_config"].get("out_channels", 0))
+    model = model_from_checkpoint(s, device)
+    k = int(s.model_config.get("out_channels", 0))
     if k != len(CHANNELS[output]):
         raise CheckpointError(f"{path}: mode {mode!r} needs {len(CHANNELS[output])} outputs, model has {k}")
-    dtype = str(state.get("preprocess_config", {}).get("dtype", "float16"))
+    dtype = str(s.preprocess_config.get("dtype", "float16"))
     p = (int(patch[0]), int(patch[1]), int(patch[2]))
     # bf16 where the hardware runs it natively (as the recipes train), else full precision
     amp = autocast_dtype(device, "bf16") if device.type == "cuda" or cpu_bf16() else None
     if amp is not None and device.type == "cpu":
         model = model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]  # torch's stubs
-    return Predictor(model, output, p, dtype, device, str(path), int(state.get("step", 0)), amp,
+    return Predictor(model, output, p, dtype, device, str(path), s.step, amp,
                      load_postprocessing(Path(str(path)).parent))
 
 

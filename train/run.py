@@ -145,13 +145,13 @@ class RunDir:
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{path}: unreadable ({exc})") from exc
 
-    def split(self, state: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The run's split: the checkpoint's (``state``) when it has one, else ``split.json``.
+    def split(self, checkpoint_split: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The run's split: the checkpoint's (``RunState.split``) when it has one, else ``split.json``.
 
         Raises:
             CheckpointError: neither names the training and validation cases.
         """
-        split = (state or {}).get("split")
+        split = checkpoint_split
         if not isinstance(split, dict):
             split = self.read_json(SPLIT)
         if not isinstance(split, dict) or not isinstance(split.get("train"), list) \

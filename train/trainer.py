@@ -29,7 +29,7 @@ from pipeline.model import ModelConfig, build_model, model_preset
 from pipeline.provenance import run_record
 from train import distributed
 from train.augment import augment_batch, augment_level, sample_generators
-from train.checkpoint import load_checkpoint, save_checkpoint
+from train.checkpoint import RunState, load_state, save_checkpoint
 from train.config import ALL, RECIPE_POSTPROCESSING, TrainConfig, recipe_name, resolve
 from train.dataset import PatchDataset, PatchSpec, make_batches, split_cases
 from train.run import CONFIG, POSTPROCESSING, RECORD, SPLIT, TENSORBOARD, RunDir
@@ -227,17 +227,18 @@ def _state(parts: Parts, step: int, epoch: int, best: float, history: list[dict[
     }
 
 
-def _restore(parts: Parts, state: dict[str, Any], clock: Clock
+def _restore(parts: Parts, state: RunState, clock: Clock
              ) -> tuple[int, int, float, list[dict[str, float]], int]:
-    parts.model.load_state_dict(state["model"])
-    parts.optimizer.load_state_dict(state["optimizer"])
-    parts.scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    clock.spent_s = float(state.get("elapsed_s", 0.0))
-    samples = int(state.get("samples", int(state["step"]) * int(parts.cfg.batch_size or 1)))
-    return int(state["step"]), int(state["epoch"]), float(state["best_metric"]), list(state["history"]), samples
+    optimizer, scaler, rng = state.training_parts()
+    parts.model.load_state_dict(state.model)
+    parts.optimizer.load_state_dict(optimizer)
+    parts.scaler.load_state_dict(scaler)
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    clock.spent_s = state.elapsed_s
+    samples = state.samples if state.samples is not None else state.step * int(parts.cfg.batch_size or 1)
+    return state.step, state.epoch, state.best_metric, state.history, samples
 
 
 #: Settings a resumed run may change: where and how fast it runs, not what it trains.
@@ -246,7 +247,7 @@ RESUMABLE_CHANGES = frozenset({"cache_dir", "run_dir", "device", "amp", "channel
                                "dist_timeout"})
 
 
-def check_resume(parts: Parts, state: dict[str, Any]) -> None:
+def check_resume(parts: Parts, state: RunState) -> None:
     """Refuse to resume a checkpoint under settings that would change the run.
 
     The split comes from the checkpoint (never recomputed from the cache as it
@@ -258,13 +259,13 @@ def check_resume(parts: Parts, state: dict[str, Any]) -> None:
     Raises:
         CheckpointError: another model, or a changed setting (named).
     """
-    path = state.get("path", "checkpoint")
-    if state.get("model_config") != parts.model_cfg.to_dict():
-        raise CheckpointError(f"{path} holds another model ({state.get('model_config', {}).get('preset')!r}, "
+    path = state.path
+    if state.model_config != parts.model_cfg.to_dict():
+        raise CheckpointError(f"{path} holds another model ({state.model_config.get('preset')!r}, "
                               f"this run asks for {parts.model_cfg.preset!r}); resume with the run's own settings")
-    old, new = dict(state.get("train_config", {})), parts.cfg.to_dict()
+    old, new = dict(state.train_config), parts.cfg.to_dict()
     changed = sorted(k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k])
-    old_global = int(old.get("batch_size") or 1) * int(state.get("world_size", 1))
+    old_global = int(old.get("batch_size") or 1) * state.world_size
     new_global = int(new["batch_size"] or 1) * parts.world.size
     if "batch_size" in changed and old_global == new_global:
         changed.remove("batch_size")  # the same global batch on another number of ranks
@@ -280,7 +281,9 @@ def check_resume(parts: Parts, state: dict[str, Any]) -> None:
     for key in ("epochs", "time_budget"):
         if old.get(key) is not None and (new[key] is None or new[key] < old[key]):
             raise CheckpointError(f"{path}: {key} may only grow on resume ({old[key]!r} -> {new[key]!r})")
-    parts.split = dict(state["split"])
+    if state.split is None:
+        raise CheckpointError(f"{path}: holds no split: it cannot be resumed")
+    parts.split = dict(state.split)
 
 
 def _write_run_files(parts: Parts, run: RunDir) -> None:
@@ -349,7 +352,7 @@ def _fit(parts: Parts, run: RunDir, resume: bool, progress: bool) -> dict[str, A
     history: list[dict[str, float]] = []
     step, epoch, best, samples = 0, 0, -1.0, 0
     if resume:
-        saved = load_checkpoint(run.last)
+        saved = load_state(run.last)
         check_resume(parts, saved)
         step, epoch, best, history, samples = _restore(parts, saved, clock)
     clock.start()
