@@ -202,6 +202,9 @@ def nested_scores(by_fold: dict[int, dict[str, np.ndarray]], cache: Path, jobs: 
 
 
 def fmt(iv: dict[str, float], digits: int = 3) -> str:
+    """``mean [low, high]``; with fewer than 3 cases the t-interval spans more than [0, 1]: none is shown."""
+    if iv["n"] < 3:
+        return f"{iv['mean']:.{digits}f} (too few cases for an interval)"
     return f"{iv['mean']:.{digits}f} [{iv['low']:.{digits}f}, {iv['high']:.{digits}f}]"
 
 
