@@ -22,7 +22,7 @@ from typing import Any
 
 from pipeline.atomic import atomic_path, remove_leftovers
 from pipeline.cache.location import redact_tree
-from pipeline.errors import CheckpointError, RunDirError
+from pipeline.errors import CheckpointError, ConfigError, RunDirError
 from pipeline.lock import FolderLock
 from pipeline.postprocess import PostProcessing
 
@@ -104,8 +104,6 @@ class RunDir:
             RunDirError: a new run into a folder that holds one, or a resume with nothing to resume.
             ConfigError: both ``resume`` and ``overwrite``.
         """
-        from pipeline.errors import ConfigError
-
         if resume and overwrite:
             raise ConfigError("--resume continues the run and --overwrite deletes it: give one")
         remove_leftovers(self.path)
