@@ -297,6 +297,10 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                      "HD95 WT / TC / ET + post (mm)"], case_table(info, tag)), flush=True)
         print(table(["fold", "post-processing chosen on the other folds", "cases helped", "hurt",
                      "hurt (case mean Dice change)"], rule_table(info, tag)), flush=True)
+        pooled = PostProcessing.from_dict(info[tag]["pooled_choice"])
+        print(f"pooled choice (what the recipe's runs start with): {pooled.describe()}", flush=True)
+        print(table(["rule (on the pooled out-of-fold cases)", "cases helped", "hurt", "destroys a region in",
+                     "runs unguarded"], [list(e) for e in pooled.effects]), flush=True)
     return results
 
 

@@ -1,8 +1,9 @@
 """An exclusive lock file for a folder that one process at a time may write (a run folder).
 
-The lock is a small JSON file created with ``O_CREAT | O_EXCL`` (atomic on
-local file systems and on NFS v3+), holding the host, the pid and when it
-was taken. A lock left by a process that died on this host is *stale*: it is
+The lock is a small JSON file holding the host, the pid and when it was
+taken, put in place by a hard link from a private file (which fails where the
+name exists, as ``O_EXCL`` does, atomic on local file systems and NFS, and
+never shows an empty lock). A lock left by a process that died on this host is *stale*: it is
 named in a message and taken over. A lock held by a live process, or by a
 process on another host (whose liveness cannot be checked from here), is
 refused with a message naming it; the user deletes it once that run is gone.
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from pipeline.atomic import process_alive
+from pipeline.atomic import fsync_path, process_alive
 from pipeline.errors import LockedError
 
 
@@ -61,9 +62,20 @@ class FolderLock:
 
     def acquire(self) -> None:
         mine = Holder(socket.gethostname(), os.getpid(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        # the lock appears whole: written to a private file first, then hard-linked into place (a link, like
+        # O_EXCL, fails where the name exists), so no reader ever finds it empty and judges it foreign
+        private = self.path.with_name(f".{self.path.name}.{mine.host}.{mine.pid}")
+        private.write_text(json.dumps({"host": mine.host, "pid": mine.pid, "since": mine.since}))
+        fsync_path(private)
+        try:
+            self._take(mine, private)
+        finally:
+            private.unlink(missing_ok=True)
+
+    def _take(self, mine: Holder, private: Path) -> None:
         for _ in range(3):  # a stale lock taken over, or one released between our reads
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                os.link(private, self.path)
             except FileExistsError:
                 holder = read_holder(self.path)
                 if holder is None:
@@ -80,10 +92,7 @@ class FolderLock:
                       "is gone)", file=sys.stderr)
                 self._remove_if(holder)
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump({"host": mine.host, "pid": mine.pid, "since": mine.since}, f)
-                f.flush()
-                os.fsync(f.fileno())
+            fsync_path(self.path.parent)
             self.held, self._me = True, mine
             return
         raise LockedError(f"{self.what}: could not take the lock {self.path} (others keep taking it)")
