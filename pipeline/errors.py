@@ -45,3 +45,7 @@ class LockedError(PipelineError, RuntimeError):
 
 class RunDirError(PipelineError, FileExistsError):
     """A run folder holds another run, or lacks the run a command needs."""
+
+
+class TrainingError(PipelineError, RuntimeError):
+    """Training cannot go on: the gradients stayed non-finite, even in float32, step after step."""

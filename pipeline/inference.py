@@ -234,7 +234,19 @@ def _predict_mirrored(
 
 
 def _forward(model: Model, x: torch.Tensor, autocast_dtype: torch.dtype | None, output: Output) -> torch.Tensor:
-    """One forward pass, deep-supervision list unwrapped, activation applied, float32."""
+    """One forward pass, deep-supervision list unwrapped, activation applied, float32.
+
+    Where the pass under autocast gives non-finite values, it is recomputed in float32 (a reduced-precision
+    kernel's rare NaN never reaches a prediction; a model that gives NaN in float32 too is returned as it is).
+    """
+    y = _forward_once(model, x, autocast_dtype, output)
+    if autocast_dtype is not None and not bool(torch.isfinite(y).all()):
+        y = _forward_once(model, x, None, output)
+    return y
+
+
+def _forward_once(model: Model, x: torch.Tensor, autocast_dtype: torch.dtype | None, output: Output
+                  ) -> torch.Tensor:
     context = (
         torch.autocast(device_type=x.device.type, dtype=autocast_dtype)
         if autocast_dtype is not None

@@ -126,6 +126,20 @@ def test_autocast_bfloat16_close() -> None:
     torch.testing.assert_close(out, torch.softmax(vol, dim=0), atol=2e-2, rtol=2e-2)
 
 
+class NanUnderAutocast(nn.Module):
+    """Identity in float32, NaN under autocast: a reduced-precision kernel's rare NaN, on demand."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * float("nan") if torch.is_autocast_enabled(x.device.type) else x
+
+
+def test_a_window_that_gives_nan_under_autocast_is_recomputed_in_float32() -> None:
+    vol = volume((2, 10, 9, 8))
+    out = sliding_window_predict(NanUnderAutocast(), vol, patch_size=PATCH, autocast_dtype=torch.bfloat16,
+                                 mirror_axes=(0,))
+    torch.testing.assert_close(out, torch.softmax(vol, dim=0))
+
+
 def test_result_is_a_normal_tensor() -> None:
     out = sliding_window_predict(nn.Identity(), volume((1, 8, 8, 8)), patch_size=PATCH)
     out += 1  # would fail on an inference tensor outside inference mode

@@ -17,13 +17,14 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pipeline.cache import PreprocessConfig
-from pipeline.errors import CheckpointError, ConfigError
+from pipeline.errors import CheckpointError, ConfigError, TrainingError
 from preprocess.run import run_preprocess
 from tests.conftest import REPO, real_dir
 from train.checkpoint import load_checkpoint, model_from_checkpoint
 from train.config import RECIPE_POSTPROCESSING, RECIPES, TrainConfig, resolve
+from train.dataset import PatchDataset, PatchSpec, make_batches
 from train.predict import load_postprocessing
-from train.trainer import fit, lr_factor
+from train.trainer import MAX_SKIPPED_STEPS, build, fit, lr_factor, train_step
 
 FAST = dict(preset="small", patch_size=(16, 16, 16), batch_size=2, n_folds=3, p_fg=1.0, workers=1, val_overlap=0.25)
 
@@ -36,6 +37,55 @@ def test_a_few_steps_reduce_the_loss(tiny_cache, tmp_path: Path) -> None:
     losses = [h["train_loss"] for h in result["history"]]
     assert losses[-1] < losses[0] * 0.9, losses
     assert {"Dice_WT", "Dice_TC", "Dice_ET", "patches_per_s", "data_wait_share"} <= set(result)
+
+
+class FailsUnderAutocast(torch.nn.Module):
+    """The real model, whose output turns to NaN under autocast (always, with ``always``): a stand-in for
+    oneDNN's bf16 convolutions, which now and then give NaN gradients for finite inputs on some CPUs."""
+
+    def __init__(self, model: torch.nn.Module, always: bool = False) -> None:
+        super().__init__()
+        self.model, self.always = model, always
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        y = self.model(x)
+        if not (self.always or torch.is_autocast_enabled("cpu")):
+            return y
+        return [t * float("nan") for t in y] if isinstance(y, list) else y * float("nan")
+
+
+def test_a_step_with_non_finite_gradients_is_recomputed_in_float32_or_not_taken(tiny_cache, tmp_path: Path) -> None:
+    cache_dir, ids = tiny_cache
+    cfg = TrainConfig(cache_dir=str(cache_dir), run_dir=str(tmp_path / "run"), amp="bf16",
+                      augment="none", optimizer="adamw", lr=1e-3, **{**FAST, "workers": 0})
+    parts = build(cfg)
+    spec = PatchSpec(tuple(parts.cfg.patch_size), 1.0, seed=0)
+    batch = next(iter(make_batches(parts.cfg.loader, PatchDataset(cache_dir, ids, spec, 2), 0, 1, 2, 0)))
+    before = [p.detach().clone() for p in parts.model.parameters()]
+
+    parts.step_model = FailsUnderAutocast(parts.model)
+    out = train_step(parts, batch, 1e-3)
+    assert (out["retried"], out["skipped"]) == (1.0, 0.0) and out["loss"] == out["loss"]
+    after = [p.detach().clone() for p in parts.model.parameters()]
+    assert all(torch.isfinite(p).all() for p in after)
+    assert any(not torch.equal(a, b) for a, b in zip(before, after)), "the float32 step was not taken"
+
+    parts.step_model = FailsUnderAutocast(parts.model, always=True)
+    out = train_step(parts, batch, 1e-3)
+    assert (out["retried"], out["skipped"]) == (1.0, 1.0)
+    assert all(torch.equal(a, p) for a, p in zip(after, parts.model.parameters())), "a NaN step was taken"
+
+
+def test_a_diverged_run_stops_with_a_clear_error_and_finite_weights(tiny_cache, tmp_path: Path) -> None:
+    # lr 1e30: the first step blows the weights up, every later one overflows, even in float32
+    cache_dir, _ = tiny_cache
+    cfg = TrainConfig(cache_dir=str(cache_dir), run_dir=str(tmp_path / "run"), epochs=2, iters_per_epoch=8,
+                      optimizer="adamw", lr=1e30, amp="none", augment="none", **FAST)
+    with pytest.raises(TrainingError, match=f"{MAX_SKIPPED_STEPS} steps in a row.*--lr"):
+        fit(cfg, progress=False)
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert state["history"][0]["skipped_steps"] == 7 and state["history"][0]["retried_steps"] == 0
+    assert all(torch.isfinite(w).all() for w in state["model"].values())
 
 
 def test_checkpoint_rebuilds_its_model_with_weights_only(tiny_cache, tmp_path: Path) -> None:

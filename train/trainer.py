@@ -21,7 +21,7 @@ from pipeline.brats import LOSS_OUTPUT
 from pipeline.cache import open_cache, open_case
 from pipeline.cache.location import Location, redact_tree
 from pipeline.device import autocast_dtype, cpu_bf16, resolve_device
-from pipeline.errors import CheckpointError, ConfigError, PipelineError, RunDirError
+from pipeline.errors import CheckpointError, ConfigError, PipelineError, RunDirError, TrainingError
 from pipeline.inference import probs_to_labels, sliding_window_predict
 from pipeline.losses import LossConfig, SegmentationLoss, num_outputs
 from pipeline.metrics import batch_region_dice
@@ -52,6 +52,7 @@ class Parts:
     split: dict[str, Any]
     world: distributed.World
     step_model: nn.Module  # what a training step calls: the model, or its DDP wrapper (compiled when asked)
+    skipped_in_a_row: int = 0  # steps not taken since the last one taken (non-finite gradients)
 
 
 def make_split(labelled: list[str], cfg: TrainConfig) -> dict[str, Any]:
@@ -145,16 +146,39 @@ class Clock:
         return self.budget_s is not None and self.elapsed() >= self.budget_s
 
 
-def _autocast(parts: Parts) -> torch.autocast:
+#: Steps in a row whose gradients stay non-finite in float32 before a run stops with :class:`TrainingError`.
+MAX_SKIPPED_STEPS = 10
+
+
+def _autocast(parts: Parts, enabled: bool = True) -> torch.autocast:
     dtype = autocast_dtype(parts.device, str(parts.cfg.amp))
-    return torch.autocast(parts.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+    return torch.autocast(parts.device.type, dtype=dtype or torch.bfloat16, enabled=enabled and dtype is not None)
+
+
+def _backward(parts: Parts, image: torch.Tensor, label: torch.Tensor, half: bool) -> tuple[float, float]:
+    """Forward and backward of one batch; the gradients clipped; returns (loss, gradient norm before clipping)."""
+    parts.optimizer.zero_grad(set_to_none=True)
+    with _autocast(parts, enabled=half):
+        output = parts.step_model(image)
+    loss = parts.loss_fn(output, label)
+    parts.scaler.scale(loss).backward()
+    parts.scaler.unscale_(parts.optimizer)
+    norm = nn.utils.clip_grad_norm_(parts.model.parameters(), 12.0)
+    return float(loss.detach()), float(norm)
 
 
 def train_step(parts: Parts, batch: dict[str, Any], lr: float) -> dict[str, float]:
-    """One optimisation step on a batch at learning rate ``lr``; returns ``loss`` (this rank's) and ``lr``.
+    """One optimisation step on a batch at learning rate ``lr``.
 
-    Under torchrun the gradients are averaged over the ranks (DDP), so W ranks with batch b take the step
-    one process takes with batch W * b (the losses are means over samples).
+    Returns ``loss`` (this rank's), ``lr``, ``retried`` (1.0 when the step was recomputed in float32) and
+    ``skipped`` (1.0 when no step was taken).
+
+    A step whose gradients come out non-finite under bf16 autocast is recomputed in float32 (oneDNN's bf16
+    convolutions on some CPUs now and then return NaN gradients for finite inputs and weights); a step whose
+    gradients are still non-finite is not taken, so one bad batch never turns the weights into NaN. With
+    fp16 the gradient scaler already skips such steps. Under torchrun the gradients are averaged over the
+    ranks (DDP) before their norm is taken, so every rank takes the same decision; W ranks with batch b take
+    the step one process takes with batch W * b (the losses are means over samples).
     """
     for group in parts.optimizer.param_groups:
         group["lr"] = lr
@@ -163,16 +187,19 @@ def train_step(parts: Parts, batch: dict[str, Any], lr: float) -> dict[str, floa
     if parts.cfg.channels_last:
         image = image.contiguous(memory_format=torch.channels_last_3d)
     parts.model.train()
-    parts.optimizer.zero_grad(set_to_none=True)
-    with _autocast(parts):
-        output = parts.step_model(image)
-    loss = parts.loss_fn(output, label)
-    parts.scaler.scale(loss).backward()
-    parts.scaler.unscale_(parts.optimizer)
-    nn.utils.clip_grad_norm_(parts.model.parameters(), 12.0)
+    half = autocast_dtype(parts.device, str(parts.cfg.amp)) is not None
+    loss, norm = _backward(parts, image, label, half=half)
+    retried = skipped = 0.0
+    if not parts.scaler.is_enabled():
+        if half and not math.isfinite(norm):
+            loss, norm = _backward(parts, image, label, half=False)
+            retried = 1.0
+        if not math.isfinite(norm):
+            parts.optimizer.zero_grad(set_to_none=True)
+            return {"loss": loss, "lr": float(lr), "retried": retried, "skipped": 1.0}
     parts.scaler.step(parts.optimizer)
     parts.scaler.update()
-    return {"loss": float(loss.detach()), "lr": float(lr)}
+    return {"loss": loss, "lr": float(lr), "retried": retried, "skipped": skipped}
 
 
 def validate(parts: Parts) -> tuple[dict[str, float], np.ndarray | None]:
@@ -417,7 +444,7 @@ def _epoch(parts: Parts, dataset: PatchDataset, writer: SummaryWriter | None, fi
     bar = tqdm(total=iters, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (progress and world.main),
                unit="it")
     wait = losses = 0.0
-    steps = 0
+    steps = taken = retried = skipped = 0
     t0 = t_prev = time.perf_counter()
     for i, batch in enumerate(batches):
         # rank 0's clock decides, for every rank: whether to stop, and the schedule's progress
@@ -429,7 +456,20 @@ def _epoch(parts: Parts, dataset: PatchDataset, writer: SummaryWriter | None, fi
         lr = float(cfg.lr or 0.0) * lr_factor(str(cfg.schedule), done)
         out = train_step(parts, batch, lr)
         steps += 1
-        losses += out["loss"]
+        retried += int(out["retried"])
+        if out["skipped"]:
+            skipped += 1
+            parts.skipped_in_a_row += 1
+            if parts.skipped_in_a_row >= MAX_SKIPPED_STEPS:
+                raise TrainingError(
+                    f"{cfg.run_dir}: the gradients were non-finite, even in float32, for {MAX_SKIPPED_STEPS} "
+                    f"steps in a row (steps {first_step + i + 2 - MAX_SKIPPED_STEPS}-{first_step + i + 1}), "
+                    f"so none of them was taken; last.pt holds the last checkpoint. The run has diverged: "
+                    f"a lower --lr (now {cfg.lr}) usually cures it")
+        else:
+            parts.skipped_in_a_row = 0
+            taken += 1
+            losses += out["loss"]
         t_prev = time.perf_counter()
         if first_step + i == 0 and _spent(world, clock):
             raise ConfigError(f"--time-budget {cfg.time_budget} min is too small: one training step took "
@@ -440,16 +480,22 @@ def _epoch(parts: Parts, dataset: PatchDataset, writer: SummaryWriter | None, fi
         bar.set_postfix(loss=f"{out['loss']:.4f}", wait=f"{wait / (t_prev - t0):.0%}")
         bar.update()
     bar.close()
+    if (retried or skipped) and world.main:
+        said = [f"{retried} recomputed in float32 after non-finite bf16 gradients"] if retried else []
+        said += [f"{skipped} not taken (non-finite gradients in float32)"] if skipped else []
+        warnings.warn(f"epoch {epoch + 1}: of {steps} steps, {' and '.join(said)}", stacklevel=2)
     seconds = time.perf_counter() - t0
     timing = {
         "steps": float(steps),
-        "train_loss": losses / max(steps, 1),
+        "train_loss": losses / taken if taken else math.nan,
+        "retried_steps": float(retried),  # recomputed in float32 after non-finite bf16 gradients
+        "skipped_steps": float(skipped),  # not taken: non-finite gradients even in float32
         "patches_per_s": steps * batch_size * world.size / seconds,
         "data_wait_share": wait / seconds,
         "step_seconds": seconds / max(steps, 1),
     }
     if writer is not None:
-        for k in ("patches_per_s", "data_wait_share", "step_seconds"):
+        for k in ("patches_per_s", "data_wait_share", "step_seconds", "retried_steps", "skipped_steps"):
             writer.add_scalar(f"train/{k}", timing[k], first_step + steps)
     return timing
 
