@@ -12,7 +12,10 @@ the folds run, and the post-processing of fold f is chosen on the
 out-of-fold predictions of the other folds only (nested). The figures are
 cross-validation on the training set, not a test: every one comes with the
 standard deviation over cases and a 95 % interval of the mean, and the
-low-grade cases are reported apart. A killed run resumes: a fold whose
+low-grade cases are reported apart. Each candidate's out-of-fold predictions
+(mirrored, with each fold's nested post-processing) are also drawn into
+``WORK/report-<candidate>.html``, the page ``train.evaluate --report``
+writes (``--report-only`` redraws it from the saved results). A killed run resumes: a fold whose
 training was cut short continues from its last checkpoint, a finished fold
 and its saved class maps are reused.
 """
@@ -38,12 +41,14 @@ from pipeline.cache import PreprocessConfig, open_cache, open_case
 from pipeline.device import resolve_device
 from pipeline.inference import probs_to_labels
 from pipeline.metrics import evaluate_case
+from pipeline.metrics import summarise as metric_statistics
 from pipeline.postprocess import PostProcessing, apply, choose
 from preprocess.run import run_preprocess
 from train.checkpoint import load_checkpoint, load_state
 from train.config import TrainConfig
 from train.dataset import split_cases
 from train.predict import PredictConfig, load_cached_input, load_predictor, predict_probabilities
+from train.report import CaseView, centre_caption, montage, write_report
 from train.run import RunDir
 
 #: Folders of ``../shared/data`` whose cases are the real training set.
@@ -258,6 +263,34 @@ def rule_table(info: dict[str, Any], tag: str = "mirror") -> list[list[object]]:
     return rows
 
 
+def write_case_report(path: Path, name: str, info: dict[str, Any], cache: Path, workdir: Path) -> None:
+    """The report page of one candidate's out-of-fold predictions, as scored: mirrored where they were, each
+    fold's post-processing chosen on the other folds."""
+    tag = "mirror" if "mirror" in info else "plain"
+    rows = [dict(r) for r in info[tag].get("postprocessed_cases", info[tag]["cases"])]
+    views: dict[str, CaseView] = {}
+    for fold, record in sorted(info["folds"].items()):
+        choice = info[tag].get("postprocessing_by_fold", {}).get(fold)
+        post = PostProcessing.from_dict(choice["settings"]) if choice else None
+        with np.load(workdir / "runs" / f"{name}-k{info['n_folds']}-fold{fold}" / f"predictions-{tag}.npz") as z:
+            for cid in record["val"]:
+                case = open_case(cache, cid)
+                image, gt = case.read_image().astype(np.float32), case.read_label()
+                label = apply(z[cid], post) if post else z[cid]
+                grade = "low grade" if cid in LOW_GRADE else "high grade or 2021 (ungraded)"
+                views[cid] = CaseView(montage({"flair": image[0], "t1ce": image[2]}, label, gt),
+                                      f"held out in fold {fold}; {grade}; {centre_caption(label, gt)} "
+                                      "(in the cache's cropped grid)")
+    metrics = [{k: v for k, v in r.items() if k not in ("case_id", "grade")} for r in rows]
+    summary = {"n_cases": len(rows), "n_failed": 0, "failed": {}, "metrics": metric_statistics(metrics),
+               "protocol": f"{info['n_folds']}-fold cross-validation on the {len(rows)} real training cases "
+                           f"(not a test), {info['budget_min']:g} min of training per fold, {tag}, "
+                           "post-processing chosen on the other folds",
+               "candidate": name, "overrides": json.dumps(info["overrides"])}
+    write_report(path, summary, rows, views, title=f"Out-of-fold predictions: {name}")
+    print(f"{name}: report of the out-of-fold predictions in {path}", flush=True)
+
+
 HEADERS = ["recipe (TTA, post-processing)", "cases", "Dice WT / TC / ET", "mean Dice [95 % interval]",
            "sd over cases", "HD95 WT / TC / ET (mm)"]
 
@@ -297,6 +330,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                      "HD95 WT / TC / ET + post (mm)"], case_table(info, tag)), flush=True)
         print(table(["fold", "post-processing chosen on the other folds", "cases helped", "hurt",
                      "hurt (case mean Dice change)"], rule_table(info, tag)), flush=True)
+        write_case_report(workdir / f"report-{name}.html", name, info, summary.cache_dir, workdir)
         pooled = PostProcessing.from_dict(info[tag]["pooled_choice"])
         print(f"pooled choice (what the recipe's runs start with): {pooled.describe()}", flush=True)
         print(table(["rule (on the pooled out-of-fold cases)", "cases helped", "hurt", "destroys a region in",
@@ -312,7 +346,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-folds", type=int, default=3, help="folds of the cross-validation (default 3)")
     p.add_argument("--folds", type=int, nargs="+", help="run only these folds (default: all)")
     p.add_argument("--no-mirror", dest="mirror", action="store_false", help="skip the mirrored predictions")
+    p.add_argument("--report-only", action="store_true",
+                   help="only redraw WORK/report-<candidate>.html from the saved results and predictions")
     args = p.parse_args(argv)
+    if args.report_only:
+        results = json.loads((args.work_dir / "quality.json").read_text())
+        cache = run_preprocess(real_cases(args.work_dir), args.work_dir / "cache", PreprocessConfig(), jobs=1,
+                               progress=False).cache_dir
+        for name in args.candidates or ["recipe"]:
+            if name not in results:
+                p.error(f"{args.work_dir / 'quality.json'} holds no results of {name!r}")
+            write_case_report(args.work_dir / f"report-{name}.html", name, results[name], cache, args.work_dir)
+        return 0
     if args.n_folds < 2 or any(not 0 <= f < args.n_folds for f in args.folds or []):
         p.error(f"--n-folds must be >= 2 and every --folds in 0..{args.n_folds - 1}")
     run(args, args.work_dir)

@@ -14,7 +14,9 @@ Two modes:
 Reports: ``metrics.csv`` (one row per GT case; a failed case has an ``error``
 and no metrics), ``summary.json`` (per metric mean, std, median, p25, p75 and
 n over the evaluated cases, the failures, the run record) and
-``boxplot.png`` (Dice and HD95 per region).
+``boxplot.png`` (Dice and HD95 per region); with ``--report``, ``report.html``
+too: one self-contained page with the summary, the box plots and every case
+from the worst to the best with a three-plane montage (:mod:`train.report`).
 """
 
 from __future__ import annotations
@@ -29,14 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from pipeline import lesions, nifti
 from pipeline import transforms as T
 from pipeline.atomic import atomic_path, remove_leftovers
-from pipeline.brats import REGIONS
+from pipeline.brats import MODALITIES, REGIONS
 from pipeline.cache import open_cache, open_case
 from pipeline.cache.location import Location, redact, redact_tree
 from pipeline.device import resolve_device
@@ -45,11 +45,16 @@ from pipeline.metrics import HD95_METHODS, evaluate_case, summarise
 from pipeline.provenance import run_record
 from train import predict as P
 from train.checkpoint import RunState, load_state
+from train.report import ROWS, CaseView, boxplot_figure, centre_caption, montage, write_report
 from train.run import TENSORBOARD, RunDir
 
 #: (predicted classes, reference classes, spacing in mm), both (X, Y, Z) uint8.
 Pair = tuple[np.ndarray, np.ndarray, tuple[float, float, float]]
 Loader = tuple[str, Callable[[], Pair]]
+#: The images a case's montage is drawn on: (X, Y, Z) float volumes by modality, on the label maps' grid.
+Images = Callable[[], dict[str, np.ndarray]]
+#: The modalities a montage needs.
+MONTAGE_MODALITIES = tuple(dict.fromkeys(m for m, _ in ROWS))
 TABLE_METRICS = ("Dice", "HD95", "Sensitivity", "Specificity")
 LESION_METRICS = ("LesionDice", "LesionHD95")
 
@@ -113,6 +118,25 @@ def _cache_pair(cache_dir: Location, case_id: str, pred_path: Path) -> Pair:
     return to_classes(case_id, pred_path, pred, g.label_map), gt, g.spacing
 
 
+def _folder_images(files: nifti.CaseFiles) -> dict[str, np.ndarray]:
+    """The raw images a montage needs, as they are on disk."""
+    out = {}
+    for name in MONTAGE_MODALITIES:
+        path = files.images[MODALITIES.index(name)]
+        if path is None:
+            raise CaseError(files.case_id, str(files.folder), f"no {name} image to draw the montage on")
+        out[name] = nifti.load_volume(files.case_id, path)[0].astype(np.float32)
+    return out
+
+
+def _cache_images(cache_dir: Location, case_id: str) -> dict[str, np.ndarray]:
+    """A cached case's normalised images a montage needs, put back into the original grid."""
+    case = open_case(cache_dir, case_id)
+    g, image = case.geometry, case.read_image()
+    return {name: T.uncrop(image[MODALITIES.index(name)].astype(np.float32), g.box, g.original_shape)
+            for name in MONTAGE_MODALITIES}
+
+
 def _prediction_path(pred_dir: Path, case_id: str) -> Path | None:
     """``<case_id>.nii.gz`` (or ``.nii``) in ``pred_dir``, or None."""
     for suffix in (".nii.gz", ".nii"):
@@ -127,10 +151,11 @@ def _unmatched(pred_dir: Path, case_ids: set[str]) -> list[str]:
     return sorted(s for s in stems if s not in case_ids and not s.endswith("_probabilities"))
 
 
-def _folder_loaders(pred_dir: Path, gt_dir: Path) -> tuple[list[Loader], dict[str, str]]:
-    """A loader per GT case with a label map; GT cases without a prediction are failures."""
+def _folder_loaders(pred_dir: Path, gt_dir: Path) -> tuple[list[Loader], dict[str, str], dict[str, Images]]:
+    """A loader per GT case with a label map, and of its images; GT cases without a prediction are failures."""
     loaders: list[Loader] = []
     failed: dict[str, str] = {}
+    images: dict[str, Images] = {}
     for files in nifti.discover_cases(gt_dir):
         if files.seg is None:
             continue  # image-only case: nothing to compare against
@@ -139,17 +164,33 @@ def _folder_loaders(pred_dir: Path, gt_dir: Path) -> tuple[list[Loader], dict[st
             failed[files.case_id] = f"{files.case_id} [{pred_dir}]: no prediction {files.case_id}.nii.gz"
         else:
             loaders.append((files.case_id, partial(_folder_pair, files, path)))
+            images[files.case_id] = partial(_folder_images, files)
     if not loaders and not failed:
         raise FileNotFoundError(f"no case with a label map under {gt_dir}")
-    return loaders, failed
+    return loaders, failed, images
 
 
-def evaluate_loaders(loaders: list[Loader], progress: bool = True, lesion_wise: bool = False, hd95: str = "brats"
-                     ) -> tuple[list[dict[str, Any]], dict[str, str]]:
+def _error(case_id: str, exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, CaseError) else f"{case_id}: {type(exc).__name__}: {exc}"
+
+
+def _view(case_id: str, images: Images, pred: np.ndarray, gt: np.ndarray) -> CaseView:
+    """A case's montage; where its images cannot be read, the reason instead (its scores still count)."""
+    try:
+        return CaseView(montage(images(), pred, gt), centre_caption(pred, gt))
+    except (PipelineError, OSError, ValueError, KeyError, MemoryError) as exc:
+        return CaseView(None, _error(case_id, exc))
+
+
+def evaluate_loaders(loaders: list[Loader], progress: bool = True, lesion_wise: bool = False, hd95: str = "brats",
+                     images: dict[str, Images] | None = None,
+                     ) -> tuple[list[dict[str, Any]], dict[str, str], dict[str, CaseView]]:
     """Metrics of every case (``case_id`` first), with the lesion-wise ones if asked; failures are reported and
-    collected, not raised."""
+    collected, not raised. With ``images``, each case's montage too, drawn while its label maps are in
+    memory (:func:`train.report.montage`); returns (rows, failures, montages by case id)."""
     rows: list[dict[str, Any]] = []
     failed: dict[str, str] = {}
+    views: dict[str, CaseView] = {}
     for case_id, load in tqdm(loaders, desc="evaluate", unit="case", disable=not progress):
         try:
             pred, gt, spacing = load()
@@ -158,9 +199,12 @@ def evaluate_loaders(loaders: list[Loader], progress: bool = True, lesion_wise: 
                 row.update(lesions.lesion_wise(pred, gt, spacing, hd95_method=hd95))
             rows.append(row)
         except (PipelineError, OSError, ValueError, MemoryError) as exc:
-            failed[case_id] = str(exc) if isinstance(exc, CaseError) else f"{case_id}: {type(exc).__name__}: {exc}"
+            failed[case_id] = _error(case_id, exc)
             tqdm.write(f"FAILED {failed[case_id]}", file=sys.stderr)
-    return rows, failed
+            continue
+        if images is not None:
+            views[case_id] = _view(case_id, images[case_id], pred, gt)
+    return rows, failed, views
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]], failed: dict[str, str]) -> None:
@@ -175,18 +219,8 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], failed: dict[str, str]) -
 
 def _write_boxplot(path: Path, rows: list[dict[str, Any]]) -> None:
     """Two panels: Dice per region and HD95 (mm) per region, one box per region."""
-    fig = Figure(figsize=(9, 4), layout="constrained")
-    FigureCanvasAgg(fig)
-    for ax, metric, unit in zip(fig.subplots(1, 2), ("Dice", "HD95"), ("", " (mm)")):
-        data = [[float(r[f"{metric}_{reg}"]) for r in rows] for reg in REGIONS]
-        if rows:
-            ax.boxplot(data, showmeans=True)
-        ax.set_xticks(range(1, len(REGIONS) + 1), list(REGIONS))
-        ax.set_title(f"{metric} per region (n = {len(rows)})")
-        ax.set_ylabel(metric + unit)
-        ax.grid(axis="y", alpha=0.3)
     with atomic_path(path, ".png") as tmp:
-        fig.savefig(tmp, dpi=120)
+        boxplot_figure(rows).savefig(tmp, dpi=120)
 
 
 def format_table(summary: dict[str, Any]) -> str:
@@ -205,8 +239,9 @@ def format_table(summary: dict[str, Any]) -> str:
 
 
 def write_reports(out_dir: Path, rows: list[dict[str, Any]], failed: dict[str, str],
-                  extra: dict[str, Any]) -> dict[str, Any]:
-    """Write ``metrics.csv``, ``summary.json`` and ``boxplot.png``; return the summary."""
+                  extra: dict[str, Any], views: dict[str, CaseView] | None = None) -> dict[str, Any]:
+    """Write ``metrics.csv``, ``summary.json`` and ``boxplot.png`` (and with ``views``, ``report.html``);
+    return the summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_leftovers(out_dir)
     metrics = summarise([{k: v for k, v in r.items() if k != "case_id"} for r in rows])
@@ -219,12 +254,16 @@ def write_reports(out_dir: Path, rows: list[dict[str, Any]], failed: dict[str, s
     with atomic_path(out_dir / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
     _write_boxplot(out_dir / "boxplot.png", rows)
+    if views is not None:
+        write_report(out_dir / "report.html", summary, rows, views)
     return summary
 
 
 def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, out_dir: str | Path | None = None,
-                     *, progress: bool = True, lesion_wise: bool = False, hd95: str = "brats") -> dict[str, Any]:
-    """Evaluate ``PRED/<case_id>.nii.gz`` against the raw GT cases; reports go to ``out_dir`` (default PRED).
+                     *, progress: bool = True, lesion_wise: bool = False, hd95: str = "brats", report: bool = False
+                     ) -> dict[str, Any]:
+    """Evaluate ``PRED/<case_id>.nii.gz`` against the raw GT cases; reports go to ``out_dir`` (default PRED);
+    with ``report``, ``report.html`` too (the montages drawn on GT's raw FLAIR and T1ce).
 
     Returns:
         The summary written to ``summary.json``.
@@ -235,11 +274,11 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, out_dir: str | Pa
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     if not pred_dir.is_dir():
         raise FileNotFoundError(f"prediction folder not found: {pred_dir}")
-    loaders, missing = _folder_loaders(pred_dir, gt_dir)
-    rows, failed = evaluate_loaders(loaders, progress, lesion_wise, hd95)
+    loaders, missing, images = _folder_loaders(pred_dir, gt_dir)
+    rows, failed, views = evaluate_loaders(loaders, progress, lesion_wise, hd95, images if report else None)
     known = {cid for cid, _ in loaders} | set(missing)
     extra = {"pred_dir": str(pred_dir), "gt_dir": str(gt_dir), "predictions_without_gt": _unmatched(pred_dir, known)}
-    return write_reports(Path(out_dir or pred_dir), rows, {**missing, **failed}, extra)
+    return write_reports(Path(out_dir or pred_dir), rows, {**missing, **failed}, extra, views if report else None)
 
 
 def _validation_ids(state: RunState, run_dir: Path) -> list[str]:
@@ -268,7 +307,7 @@ def _log_tensorboard(tb_dir: Path, summary: dict[str, Any], step: int) -> None:
 
 def evaluate_run(run_dir: str | Path, cfg: P.PredictConfig | None = None, *, cache_dir: str | Path | None = None,
                  out_dir: str | Path | None = None, progress: bool = True, lesion_wise: bool = False,
-                 hd95: str = "brats"
+                 hd95: str = "brats", report: bool = False,
                  ) -> dict[str, Any]:
     """Predict and evaluate a run's validation cases straight from its cache.
 
@@ -278,6 +317,7 @@ def evaluate_run(run_dir: str | Path, cfg: P.PredictConfig | None = None, *, cac
         cache_dir: override ``train_config["cache_dir"]`` (e.g. after moving the cache).
         out_dir: report folder (default ``RUN/evaluation``).
         progress: show tqdm bars.
+        report: also ``report.html``, the montages drawn on the cache's normalised FLAIR and T1ce.
 
     Returns:
         The summary written to ``RUN/evaluation/summary.json``.
@@ -293,10 +333,12 @@ def evaluate_run(run_dir: str | Path, cfg: P.PredictConfig | None = None, *, cac
     loaders: list[Loader] = [
         (cid, partial(_cache_pair, open_cache(cache).path, cid, pred_dir / f"{cid}.nii.gz")) for cid in done.written
     ]
-    rows, failed = evaluate_loaders(loaders, progress, lesion_wise, hd95)
+    images: dict[str, Images] = {cid: partial(_cache_images, open_cache(cache).path, cid) for cid in done.written}
+    rows, failed, views = evaluate_loaders(loaders, progress, lesion_wise, hd95, images if report else None)
     extra = {"checkpoint": predictor.checkpoint, "step": predictor.step, "cache_dir": str(cache),
              "predictions": str(pred_dir), "settings": cfg.to_dict()}
-    summary = write_reports(Path(out_dir or run_dir / "evaluation"), rows, {**done.failed, **failed}, extra)
+    summary = write_reports(Path(out_dir or run_dir / "evaluation"), rows, {**done.failed, **failed}, extra,
+                            views if report else None)
     _log_tensorboard(RunDir(run_dir).file(TENSORBOARD), summary, predictor.step)
     return summary
 
@@ -307,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="BraTS metrics (Dice, HD95 in mm, sensitivity, specificity, volumes per region WT/TC/ET) "
         "of predicted label maps. Either --pred PRED --gt GT (PRED/<case_id>.nii.gz in raw BraTS labels; GT a "
         "folder of raw case folders with label maps), or --run RUN (predict the run's validation cases from its "
-        "cache and evaluate them). Writes metrics.csv, summary.json and boxplot.png. Exit code 1 if any case "
+        "cache and evaluate them). Writes metrics.csv, summary.json and boxplot.png (and report.html with --report). Exit code 1 if any case "
         "failed (e.g. a missing prediction), 2 if nothing could be evaluated.",
     )
     mode = p.add_mutually_exclusive_group(required=True)
@@ -324,6 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="brats: as the BraTS organisers' code (per direction, weighted by surface area, the larger; "
                    "374 mm when one mask is empty); pooled: MedPy's (both directions' distances in one list, as "
                    "nnU-Net v1 and the BraTS toolkit; 373.13 mm)")
+    p.add_argument("--report", action="store_true",
+                   help="also report.html: one self-contained page (opens offline) with the summary, box plots and "
+                   "every case from worst to best, each with its scores and a three-plane montage through the "
+                   "tumour (FLAIR with WT, T1ce with TC and with ET; outlines of reference and prediction, "
+                   "missed and false-positive voxels marked)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     P.add_inference_args(p)
     return p
@@ -339,10 +386,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.run:
             summary = evaluate_run(args.run, P.config_from_args(args), cache_dir=args.cache_dir,
                                    out_dir=args.out, progress=not args.no_progress, lesion_wise=args.lesion_wise,
-                                   hd95=args.hd95)
+                                   hd95=args.hd95, report=args.report)
         else:
             summary = evaluate_folders(args.pred, args.gt, args.out, progress=not args.no_progress,
-                                       lesion_wise=args.lesion_wise, hd95=args.hd95)
+                                       lesion_wise=args.lesion_wise, hd95=args.hd95, report=args.report)
     except (PipelineError, FileNotFoundError) as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
