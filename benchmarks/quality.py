@@ -47,7 +47,7 @@ from preprocess.run import run_preprocess
 from train.checkpoint import load_checkpoint, load_state
 from train.config import TrainConfig
 from train.dataset import split_cases
-from train.predict import PredictConfig, load_cached_input, load_predictor, predict_probabilities
+from train.predictor import PredictConfig, load_cached_input, load_predictor, predict_probabilities
 from train.report import CaseView, centre_caption, montage, write_report
 from train.run import RunDir
 

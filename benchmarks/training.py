@@ -25,7 +25,8 @@ from pipeline.nifti import discover_cases
 from preprocess.run import run_preprocess
 from train.checkpoint import save_checkpoint
 from train.dataset import PatchDataset, PatchSpec, make_batches
-from train.predict import PredictConfig, run_predict
+from train.predict import run_predict
+from train.predictor import PredictConfig
 
 PATCH = (128, 128, 128)
 BATCH = 2

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from tests.conftest import REPO
-from train.predict import PredictConfig, load_postprocessing, run_predict
+from train.predict import run_predict
+from train.predictor import PredictConfig, load_postprocessing
 
 
 def _cv(cache_dir: Path, run_dir: Path) -> subprocess.CompletedProcess[str]:

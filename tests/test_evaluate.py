@@ -96,7 +96,7 @@ def test_evaluate_run_from_cache(raw_dir: Path, tmp_path: Path) -> None:
     assert json.loads((tmp_path / "ev" / "summary.json").read_text())["settings"]["overlap"] == 0.25
     # The cached label put back into the original grid is the raw ground truth.
     copy_gt_as_predictions(raw_dir, tmp_path / "gt_pred")
-    loaders = [(c, partial(_cache_pair, cache, c, tmp_path / "gt_pred" / f"{c}.nii.gz")) for c in IDS]
+    loaders = [(c, "gt_pred", partial(_cache_pair, cache, c, tmp_path / "gt_pred" / f"{c}.nii.gz")) for c in IDS]
     rows, failed, _ = evaluate_loaders(loaders, progress=False)
     assert not failed and all(r[f"Dice_{reg}"] == 1.0 for r in rows for reg in ("WT", "TC", "ET"))
 

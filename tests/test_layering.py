@@ -129,3 +129,12 @@ def test_no_import_circle() -> None:
     # a package's __init__ importing its own modules is no circle unless one of them imports the package back
     assert not cycles, cycles
     assert "train.__main__" not in {m for deps in graph.values() for m in deps}  # no module imports a CLI entry
+
+
+def test_the_prediction_library_stands_apart_from_the_stages() -> None:
+    graph = _module_graph()
+    stages = {"train.predict", "train.evaluate", "train.postprocess", "train.cv", "train.cli", "train.__main__"}
+    assert not graph["train.predictor"] & stages, graph["train.predictor"]
+    # choosing post-processing and cross-validating predict probabilities: the library, not the stage's CLI
+    for user in ("train.postprocess", "train.cv"):
+        assert "train.predictor" in graph[user] and "train.predict" not in graph[user], (user, graph[user])

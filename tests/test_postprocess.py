@@ -25,7 +25,8 @@ from pipeline.postprocess import (
 )
 from tests.conftest import REPO
 from tests.test_predict import CPU, tiny_checkpoint
-from train.predict import PredictConfig, load_postprocessing, run_predict
+from train.predict import run_predict
+from train.predictor import PredictConfig, load_postprocessing
 
 
 def blob(shape: tuple[int, int, int], lo: tuple[int, int, int], hi: tuple[int, int, int], value: int,

@@ -22,16 +22,8 @@ from pipeline.transforms import preprocess_raw
 from preprocess.run import run_preprocess
 from tests.conftest import REPO, TINY, TINY_CFG, make_2023_case, real_dir
 from train.checkpoint import save_checkpoint
-from train.predict import (
-    CaseInput,
-    PredictConfig,
-    Predictor,
-    load_raw_input,
-    predict_case,
-    run_predict,
-    to_raw_labels,
-    write_label,
-)
+from train.predict import predict_case, run_predict, to_raw_labels, write_label
+from train.predictor import CaseInput, PredictConfig, Predictor, load_raw_input
 
 CPU = PredictConfig(device="cpu", mirror=False)
 

@@ -136,7 +136,8 @@ def test_cv_holds_its_root(tiny_cache, tmp_path: Path) -> None:
 
 def test_a_killed_predictions_temporaries_are_removed_by_the_next_run(raw_dir: Path, tmp_path: Path) -> None:
     from tests.test_predict import tiny_checkpoint
-    from train.predict import PredictConfig, run_predict
+    from train.predict import run_predict
+    from train.predictor import PredictConfig
 
     ckpt = tiny_checkpoint(tmp_path / "model.pt")
     out = tmp_path / "out"

@@ -23,7 +23,8 @@ from preprocess.__main__ import main as preprocess_main
 from preprocess.run import run_preprocess
 from tests.conftest import REPO, TINY_CFG, free_port
 from train.config import TrainConfig
-from train.predict import PredictConfig, run_predict
+from train.predict import run_predict
+from train.predictor import PredictConfig
 from train.trainer import fit
 
 pytest.importorskip("moto.server", reason="moto[server] (the dev extra) is not installed")

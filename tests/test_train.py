@@ -23,7 +23,7 @@ from tests.conftest import REPO, real_dir
 from train.checkpoint import load_checkpoint, model_from_checkpoint
 from train.config import RECIPE_POSTPROCESSING, RECIPES, TrainConfig, resolve
 from train.dataset import PatchDataset, PatchSpec, make_batches
-from train.predict import load_postprocessing
+from train.predictor import load_postprocessing
 from train.trainer import MAX_SKIPPED_STEPS, build, fit, lr_factor, train_step
 
 FAST = dict(preset="small", patch_size=(16, 16, 16), batch_size=2, n_folds=3, p_fg=1.0, workers=1, val_overlap=0.25)

@@ -21,7 +21,7 @@ from pathlib import Path
 from pipeline.cache.location import redact
 from pipeline.errors import PipelineError
 from train import distributed
-from train import predict as P
+from train import predictor as L
 from train.cli import build_parser as train_parser
 from train.config import ALL, TrainConfig
 from train.postprocess import out_of_fold, write_postprocessing
@@ -65,7 +65,7 @@ def _run_cv(base: TrainConfig, root: Path, n_folds: int, with_all: bool, progres
         fresh = overwrite or not folder.has_checkpoint()  # nothing to keep in a run killed before its first epoch
         fit(TrainConfig.from_dict(fields), resume=resume, overwrite=fresh and not resume, progress=progress)
     if distributed.from_env().main:  # under torchrun the folds train on every rank; rank 0 chooses alone
-        preds, truths = out_of_fold(folds, P.PredictConfig(), progress=progress)
+        preds, truths = out_of_fold(folds, L.PredictConfig(), progress=progress)
         post = choose(preds, truths)
         for run, _ in jobs:
             write_postprocessing(run, post)

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from pipeline import lesions, nifti
 from pipeline import transforms as T
@@ -39,18 +38,20 @@ from pipeline.atomic import atomic_path, remove_leftovers
 from pipeline.brats import MODALITIES, REGIONS
 from pipeline.cache import open_cache, open_case
 from pipeline.cache.location import Location, redact, redact_tree
+from pipeline.caseloop import CASE_ERRORS, Job, describe_failure, run_cases
 from pipeline.device import resolve_device
 from pipeline.errors import CaseError, CheckpointError, PipelineError
 from pipeline.metrics import HD95_METHODS, evaluate_case, summarise
 from pipeline.provenance import run_record
 from train import predict as P
+from train import predictor as L
 from train.checkpoint import RunState, load_state
 from train.report import ROWS, CaseView, boxplot_figure, centre_caption, montage, write_report
 from train.run import TENSORBOARD, RunDir
 
 #: (predicted classes, reference classes, spacing in mm), both (X, Y, Z) uint8.
 Pair = tuple[np.ndarray, np.ndarray, tuple[float, float, float]]
-Loader = tuple[str, Callable[[], Pair]]
+Loader = Job[Pair]
 #: The images a case's montage is drawn on: (X, Y, Z) float volumes by modality, on the label maps' grid.
 Images = Callable[[], dict[str, np.ndarray]]
 #: The modalities a montage needs.
@@ -163,48 +164,43 @@ def _folder_loaders(pred_dir: Path, gt_dir: Path) -> tuple[list[Loader], dict[st
         if path is None:
             failed[files.case_id] = f"{files.case_id} [{pred_dir}]: no prediction {files.case_id}.nii.gz"
         else:
-            loaders.append((files.case_id, partial(_folder_pair, files, path)))
+            loaders.append((files.case_id, str(path), partial(_folder_pair, files, path)))
             images[files.case_id] = partial(_folder_images, files)
     if not loaders and not failed:
         raise FileNotFoundError(f"no case with a label map under {gt_dir}")
     return loaders, failed, images
 
 
-def _error(case_id: str, exc: BaseException) -> str:
-    return str(exc) if isinstance(exc, CaseError) else f"{case_id}: {type(exc).__name__}: {exc}"
-
-
-def _view(case_id: str, images: Images, pred: np.ndarray, gt: np.ndarray) -> CaseView:
+def _view(case_id: str, where: str, images: Images, pred: np.ndarray, gt: np.ndarray) -> CaseView:
     """A case's montage; where its images cannot be read, the reason instead (its scores still count)."""
     try:
         return CaseView(montage(images(), pred, gt), centre_caption(pred, gt))
-    except (PipelineError, OSError, ValueError, KeyError, MemoryError) as exc:
-        return CaseView(None, _error(case_id, exc))
+    except CASE_ERRORS + (KeyError,) as exc:
+        return CaseView(None, describe_failure(case_id, where, exc))
+
+
+def _score(case_id: str, where: str, load: Callable[[], Pair], lesion_wise: bool, hd95: str,
+           images: Images | None) -> tuple[dict[str, Any], CaseView | None]:
+    """One case's metrics row (``case_id`` first), and its montage when ``images`` is given."""
+    pred, gt, spacing = load()
+    row = {"case_id": case_id, **evaluate_case(pred, gt, spacing, hd95_method=hd95)}
+    if lesion_wise:
+        row.update(lesions.lesion_wise(pred, gt, spacing, hd95_method=hd95))
+    return row, _view(case_id, where, images, pred, gt) if images is not None else None
 
 
 def evaluate_loaders(loaders: list[Loader], progress: bool = True, lesion_wise: bool = False, hd95: str = "brats",
                      images: dict[str, Images] | None = None,
                      ) -> tuple[list[dict[str, Any]], dict[str, str], dict[str, CaseView]]:
     """Metrics of every case (``case_id`` first), with the lesion-wise ones if asked; failures are reported and
-    collected, not raised. With ``images``, each case's montage too, drawn while its label maps are in
-    memory (:func:`train.report.montage`); returns (rows, failures, montages by case id)."""
-    rows: list[dict[str, Any]] = []
-    failed: dict[str, str] = {}
-    views: dict[str, CaseView] = {}
-    for case_id, load in tqdm(loaders, desc="evaluate", unit="case", disable=not progress):
-        try:
-            pred, gt, spacing = load()
-            row = {"case_id": case_id, **evaluate_case(pred, gt, spacing, hd95_method=hd95)}
-            if lesion_wise:
-                row.update(lesions.lesion_wise(pred, gt, spacing, hd95_method=hd95))
-            rows.append(row)
-        except (PipelineError, OSError, ValueError, MemoryError) as exc:
-            failed[case_id] = _error(case_id, exc)
-            tqdm.write(f"FAILED {failed[case_id]}", file=sys.stderr)
-            continue
-        if images is not None:
-            views[case_id] = _view(case_id, images[case_id], pred, gt)
-    return rows, failed, views
+    collected, not raised (:func:`pipeline.caseloop.run_cases`, the loop prediction runs too). With
+    ``images``, each case's montage too, drawn while its label maps are in memory
+    (:func:`train.report.montage`); returns (rows, failures, montages by case id)."""
+    jobs = [(cid, where, partial(_score, cid, where, load, lesion_wise, hd95,
+                                 images[cid] if images is not None else None)) for cid, where, load in loaders]
+    done, failed = run_cases(jobs, "evaluate", progress)
+    views = {cid: view for cid, (_, view) in done if view is not None}
+    return [row for _, (row, _) in done], failed, views
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]], failed: dict[str, str]) -> None:
@@ -276,7 +272,7 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, out_dir: str | Pa
         raise FileNotFoundError(f"prediction folder not found: {pred_dir}")
     loaders, missing, images = _folder_loaders(pred_dir, gt_dir)
     rows, failed, views = evaluate_loaders(loaders, progress, lesion_wise, hd95, images if report else None)
-    known = {cid for cid, _ in loaders} | set(missing)
+    known = {cid for cid, _, _ in loaders} | set(missing)
     extra = {"pred_dir": str(pred_dir), "gt_dir": str(gt_dir), "predictions_without_gt": _unmatched(pred_dir, known)}
     return write_reports(Path(out_dir or pred_dir), rows, {**missing, **failed}, extra, views if report else None)
 
@@ -305,7 +301,7 @@ def _log_tensorboard(tb_dir: Path, summary: dict[str, Any], step: int) -> None:
         writer.close()
 
 
-def evaluate_run(run_dir: str | Path, cfg: P.PredictConfig | None = None, *, cache_dir: str | Path | None = None,
+def evaluate_run(run_dir: str | Path, cfg: L.PredictConfig | None = None, *, cache_dir: str | Path | None = None,
                  out_dir: str | Path | None = None, progress: bool = True, lesion_wise: bool = False,
                  hd95: str = "brats", report: bool = False,
                  ) -> dict[str, Any]:
@@ -322,16 +318,18 @@ def evaluate_run(run_dir: str | Path, cfg: P.PredictConfig | None = None, *, cac
     Returns:
         The summary written to ``RUN/evaluation/summary.json``.
     """
-    run_dir, cfg = Path(run_dir), cfg or P.PredictConfig()
+    run_dir, cfg = Path(run_dir), cfg or L.PredictConfig()
     state = load_state(run_dir)
     ids = _validation_ids(state, run_dir)
     cache = str(cache_dir or state.train_config.get("cache_dir", ""))  # a folder or a URL
-    predictor = P.load_predictor(state, resolve_device(cfg.device))
+    predictor = L.load_predictor(state, resolve_device(cfg.device))
     pred_dir = run_dir / "predictions" / "val"
     done = P.predict_cases(predictor, P.cache_sources(cache, ids), pred_dir, cfg, progress)
     P.write_record(done, predictor, cfg, str(cache))
     loaders: list[Loader] = [
-        (cid, partial(_cache_pair, open_cache(cache).path, cid, pred_dir / f"{cid}.nii.gz")) for cid in done.written
+        (cid, str(pred_dir / f"{cid}.nii.gz"), partial(_cache_pair, open_cache(cache).path, cid,
+                                                       pred_dir / f"{cid}.nii.gz"))
+        for cid in done.written
     ]
     images: dict[str, Images] = {cid: partial(_cache_images, open_cache(cache).path, cid) for cid in done.written}
     rows, failed, views = evaluate_loaders(loaders, progress, lesion_wise, hd95, images if report else None)
@@ -372,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "tumour (FLAIR with WT, T1ce with TC and with ET; outlines of reference and prediction, "
                    "missed and false-positive voxels marked)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    P.add_inference_args(p)
+    L.add_inference_args(p)
     return p
 
 
@@ -384,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--pred needs --gt")
     try:
         if args.run:
-            summary = evaluate_run(args.run, P.config_from_args(args), cache_dir=args.cache_dir,
+            summary = evaluate_run(args.run, L.config_from_args(args), cache_dir=args.cache_dir,
                                    out_dir=args.out, progress=not args.no_progress, lesion_wise=args.lesion_wise,
                                    hd95=args.hd95, report=args.report)
         else:

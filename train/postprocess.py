@@ -25,12 +25,12 @@ from pipeline.device import resolve_device
 from pipeline.errors import CheckpointError, PipelineError
 from pipeline.inference import probs_to_labels
 from pipeline.postprocess import PostProcessing, choose
-from train import predict as P
+from train import predictor as L
 from train.checkpoint import load_state
 from train.run import RunDir
 
 
-def out_of_fold(runs: Sequence[Path], cfg: P.PredictConfig, progress: bool = True
+def out_of_fold(runs: Sequence[Path], cfg: L.PredictConfig, progress: bool = True
                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Predicted and true class maps of every fold run's validation cases.
 
@@ -46,11 +46,11 @@ def out_of_fold(runs: Sequence[Path], cfg: P.PredictConfig, progress: bool = Tru
         if not ids:
             raise CheckpointError(f"{run}: has no validation cases (a --fold all run cannot choose post-processing)")
         cache = open_cache(str(state.train_config.get("cache_dir", ""))).path  # a cache, a root holding one, a URL
-        predictor = P.load_predictor(state, device)
+        predictor = L.load_predictor(state, device)
         for cid in tqdm(ids, desc=f"predict {run.name}", unit="case", disable=not progress):
             if cid in preds:
                 raise CheckpointError(f"{run}: case {cid} is also held out by another run (not one split's folds)")
-            probs = P.predict_probabilities(predictor, P.load_cached_input(cache, cid).image, cfg)
+            probs = L.predict_probabilities(predictor, L.load_cached_input(cache, cid).image, cfg)
             preds[cid] = probs_to_labels(probs, predictor.output).numpy()
             truths[cid] = np.asarray(open_case(cache, cid).read_label())
     return preds, truths
@@ -73,14 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--apply-to", nargs="*", default=[], type=Path, metavar="RUN",
                    help="further runs to store the choice in (e.g. the --fold all run)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    P.add_inference_args(p)
+    L.add_inference_args(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        preds, truths = out_of_fold(args.runs, P.config_from_args(args), progress=not args.no_progress)
+        preds, truths = out_of_fold(args.runs, L.config_from_args(args), progress=not args.no_progress)
         post = choose(preds, truths)
         for run in [*args.runs, *args.apply_to]:
             if not run.is_dir():
