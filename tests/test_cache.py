@@ -19,7 +19,7 @@ from pipeline.cache import (
     write_case,
     write_manifest,
 )
-from pipeline.cache.store import _ArrayMeta
+from pipeline.cache.chunks import ArrayMeta
 from pipeline.errors import CacheFormatError, ConfigError
 
 
@@ -66,9 +66,9 @@ def test_reads_into_a_used_buffer_overwrite_it_whole(tmp_path: Path, codec: str,
     """The loader decodes into batch slots that hold the previous patch: inside the volume, outside it and
     over chunks never written (all zero), nothing of the old content may survive. The speed setting keeps
     at most its limit of chunk maps open, and maps a case written again anew."""
-    from pipeline.cache import store
+    from pipeline.cache import chunks
 
-    monkeypatch.setattr(store._mappings, "limit", 3)
+    monkeypatch.setattr(chunks._mappings, "limit", 3)
     cache_dir, _, _ = _write(tmp_path, PreprocessConfig(chunk=(8, 8, 8), codec=codec))
     case = open_case(cache_dir, "c1")
     rng = np.random.default_rng(3)
@@ -82,14 +82,14 @@ def test_reads_into_a_used_buffer_overwrite_it_whole(tmp_path: Path, codec: str,
         chunk=(8, 8, 8), codec=codec))
     assert np.all(open_case(cache_dir, "c1").read_patch((12, 14, 9), (16, 16, 16))[0] == 2.0)
     if codec == "none":
-        assert len(store._mappings._maps) <= 3
+        assert len(chunks._mappings._maps) <= 3
 
 
 def test_unknown_encoding_falls_back_to_zarr(tmp_path: Path) -> None:
     cache_dir, image, label = _write(tmp_path, PreprocessConfig(chunk=(16, 16, 16)))
     case = open_case(cache_dir, "c1")
     meta = case._image
-    case._image = _ArrayMeta(meta.path, meta.shape, meta.chunks, meta.dtype, fast=False, raw=False)
+    case._image = ArrayMeta(meta.path, meta.shape, meta.chunks, meta.dtype, fast=False, raw=False)
     img, _ = case.read_patch((-3, 5, 7), (20, 20, 30))
     ref = np.zeros((4, 20, 20, 30), image.dtype)
     ref[:, 3:, :, :22] = image[:, :17, 5:25, 7:29]
@@ -139,7 +139,7 @@ def test_bad_settings_raise(bad: dict) -> None:
 def test_size_leaves_out_the_temporaries_of_interrupted_writes(tmp_path: Path) -> None:
     """A dead writer's hidden temporary group is not counted as the cache's size, and is removed later."""
     from pipeline.cache.check import disk_usage
-    from pipeline.cache.store import cleanup_partial
+    from pipeline.cache.directory import cleanup_partial
 
     cache_dir, _, _ = _write(tmp_path, PreprocessConfig(chunk=(16, 16, 16)))
     size = disk_usage(cache_dir)

@@ -14,26 +14,28 @@ Only this package imports zarr. Everything else goes through
 :func:`write_case`, :func:`open_case`, :func:`open_cache` and friends.
 """
 
+from pipeline.cache.directory import (
+    CacheInfo,
+    case_status,
+    cleanup_partial,
+    complete_cases,
+    open_cache,
+    read_manifest,
+    resolve_cache_dir,
+    write_manifest,
+)
 from pipeline.cache.store import (
     CODECS,
     FORMAT_VERSION,
     MANIFEST,
     WRITER_LOCK,
     CachedCase,
-    CacheInfo,
     Geometry,
     PreprocessConfig,
     cache_dir_for,
     case_path,
-    case_status,
-    cleanup_partial,
-    complete_cases,
-    open_cache,
     open_case,
-    read_manifest,
-    resolve_cache_dir,
     write_case,
-    write_manifest,
 )
 
 __all__ = [

@@ -6,8 +6,8 @@ import argparse
 import sys
 
 from pipeline.cache.check import info_lines, verify
+from pipeline.cache.directory import open_cache
 from pipeline.cache.location import redact
-from pipeline.cache.store import open_cache
 from pipeline.errors import PipelineError
 
 

@@ -7,14 +7,15 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.brats import CLASS_NAMES
+from pipeline.cache.directory import CacheInfo, is_leftover
 from pipeline.cache.location import Location, fs_path
-from pipeline.cache.store import CachedCase, CacheInfo, is_leftover, open_case, written_chunks
+from pipeline.cache.store import CachedCase, open_case, written_chunks
 from pipeline.errors import CacheFormatError
 
 
 def disk_usage(path: Location) -> int:
     """Bytes of every file (or object) under ``path``, but for the hidden temporary groups of writes that
-    are under way or were interrupted (a local cache: :func:`pipeline.cache.store.is_leftover`)."""
+    are under way or were interrupted (a local cache: :func:`pipeline.cache.directory.is_leftover`)."""
     if not isinstance(path, Path):
         fs, inner = fs_path(path)
         return int(fs.du(inner))

@@ -1,40 +1,39 @@
-"""Writer and reader of the Zarr cache, side by side (format documented in docs/cache-format.md)."""
+"""One cached case: the format's settings, its writer and its reader, side by side.
+
+The format is documented in docs/cache-format.md. The cache directory around
+the cases (manifest, listing, leftovers) is :mod:`pipeline.cache.directory`;
+the chunk reader the case reader uses is :mod:`pipeline.cache.chunks`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
 import json
 import os
 import shutil
-import sys
-import threading
 import time
 import uuid
-from collections import OrderedDict
-from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-import numcodecs.blosc
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from pipeline.atomic import atomic_path
 from pipeline.brats import check_case_id
-from pipeline.cache.location import Location, as_location, check_reachable, fs_path
+from pipeline.cache.chunks import ArrayMeta, chunk_files, fetch, read_box
+from pipeline.cache.location import Location, as_location, fs_path
 from pipeline.config import Config
-from pipeline.errors import CacheFormatError, CaseError, ConfigError
+from pipeline.errors import CacheFormatError, ConfigError
 
 #: Bumped whenever the layout, the attrs or the meaning of an array changes.
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 #: Held (see :mod:`pipeline.lock`) by the one preprocessing run that writes a local cache.
 WRITER_LOCK = ".writer.lock"
-_SUFFIX = ".zarr"
+SUFFIX = ".zarr"
 #: Blosc compressors, and "none": raw chunk files that the reader memory-maps (the speed setting).
 CODECS = ("zstd", "lz4", "lz4hc", "blosclz", "zlib", "none")
 _SHUFFLES = ("noshuffle", "shuffle", "bitshuffle")
@@ -104,7 +103,7 @@ def case_path(cache_dir: str | os.PathLike[str] | Location, case_id: str) -> Loc
     Raises:
         CaseError: ``case_id`` is not a name (:func:`pipeline.brats.check_case_id`).
     """
-    return as_location(cache_dir) / f"{check_case_id(case_id, str(cache_dir))}{_SUFFIX}"
+    return as_location(cache_dir) / f"{check_case_id(case_id, str(cache_dir))}{SUFFIX}"
 
 
 # ---------------------------------------------------------------- writing
@@ -191,7 +190,7 @@ CHUNK_RECORD = "chunk_files"
 
 def written_chunks(array: Location) -> list[str]:
     """Spatial chunk keys ("i/j/k") of the chunk files under an array (its leading axes are unchunked)."""
-    meta = _ArrayMeta.load(array)
+    meta = ArrayMeta.load(array)
     root = array.joinpath("c", *(["0"] * (len(meta.shape) - 3)))
     if isinstance(root, Path):
         files = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()] if root.exists() else []
@@ -229,30 +228,7 @@ def _replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def cleanup_partial(cache_dir: str | os.PathLike[str] | Location) -> list[str]:
-    """Delete leftovers of interrupted writes (``.*.zarr.tmp-*``, ``.*.zarr.old-*``).
-
-    Call only when no other writer uses ``cache_dir``. Returns the removed names.
-    On object storage there are none: an interrupted case is an incomplete
-    group in place, which the next run rewrites.
-    """
-    cache_dir = as_location(cache_dir)
-    if not isinstance(cache_dir, Path):
-        return []
-    removed = []
-    for p in cache_dir.glob(f".*{_SUFFIX}.*"):
-        if is_leftover(p.name):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p.name)
-    return removed
-
-
-def is_leftover(name: str) -> bool:
-    """Whether a cache entry is a write's hidden temporary or replaced group (not a case of the cache)."""
-    return name.startswith(".") and _SUFFIX in name and (".tmp-" in name or ".old-" in name)
-
-
-def _read_attrs(path: Location) -> dict[str, Any] | None:
+def read_attrs(path: Location) -> dict[str, Any] | None:
     """Group attributes straight from ``zarr.json`` (cheap), or None if unreadable."""
     try:
         meta = json.loads((path / "zarr.json").read_text())
@@ -262,145 +238,6 @@ def _read_attrs(path: Location) -> dict[str, Any] | None:
     return attrs if isinstance(attrs, dict) else None
 
 
-def case_status(cache_dir: str | os.PathLike[str] | Location, case_id: str, sources: list[dict[str, Any]],
-                cfg: PreprocessConfig) -> str:
-    """``"complete"`` if the cached case is whole and built from exactly ``sources`` with ``cfg``;
-    ``"stale"`` if it exists but differs; ``"missing"`` otherwise."""
-    path = case_path(cache_dir, case_id)
-    attrs = _read_attrs(path)
-    if attrs is None and not path.exists():
-        return "missing"
-    if (
-        attrs is None
-        or attrs.get("complete") is not True
-        or attrs.get("format_version") != FORMAT_VERSION
-        or attrs.get("preprocess") != cfg.to_dict()
-        or attrs.get("sources") != sources
-    ):
-        return "stale"
-    return "complete"
-
-
-def complete_cases(cache_dir: str | os.PathLike[str] | Location) -> list[str]:
-    """Ids of every complete case of the current format version on disk, sorted."""
-    out = []
-    root = as_location(cache_dir)
-    for name in sorted(p.name for p in root.glob(f"*{_SUFFIX}")):
-        if name.startswith("."):
-            continue
-        attrs = _read_attrs(root / name)
-        if attrs and attrs.get("complete") is True and attrs.get("format_version") == FORMAT_VERSION:
-            out.append(str(attrs["case_id"]))
-    return out
-
-
-def write_manifest(cache_dir: str | os.PathLike[str] | Location, content: dict[str, Any],
-                   source_ids: Collection[str] | None = None) -> Location:
-    """Atomically write ``manifest.json`` (format version and case list are added here).
-
-    Args:
-        cache_dir: the keyed cache directory.
-        content: settings and records to store.
-        source_ids: the cases the raw folder holds now; complete cases of the
-            cache that are not among them (their raw folder is gone) are kept
-            on disk but listed under ``"orphaned"``, not ``"cases"``, so no
-            stage uses them. None lists every complete case.
-    """
-    cache_dir = as_location(cache_dir)
-    complete = complete_cases(cache_dir)
-    cases = complete if source_ids is None else [c for c in complete if c in source_ids]
-    orphaned = sorted(set(complete) - set(cases))
-    body = json.dumps({**content, "format_version": FORMAT_VERSION, "cases": cases, "orphaned": orphaned},
-                      indent=2, sort_keys=True)
-    if isinstance(cache_dir, Path):
-        with atomic_path(cache_dir / MANIFEST) as tmp:
-            tmp.write_text(body)
-    else:
-        (cache_dir / MANIFEST).write_text(body)  # one object PUT: atomic on object storage
-    return cache_dir / MANIFEST
-
-
-def read_manifest(cache_dir: str | os.PathLike[str] | Location) -> dict[str, Any]:
-    """Read and check ``manifest.json``.
-
-    Raises:
-        CacheFormatError: no manifest, unreadable, or another format version.
-    """
-    path = as_location(cache_dir) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise CacheFormatError(f"{cache_dir} is not a cache: no {MANIFEST} (run preprocessing first)") from exc
-    except ValueError as exc:
-        raise CacheFormatError(f"{path} is not valid JSON: {exc}") from exc
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise CacheFormatError(
-            f"{path}: cache format version {manifest.get('format_version')}, this code reads {FORMAT_VERSION}; "
-            "preprocess again"
-        )
-    cases = manifest.get("cases")
-    if not isinstance(cases, list):
-        raise CacheFormatError(f"{path}: no list of cases")
-    kept = []
-    for cid in cases:
-        try:
-            kept.append(check_case_id(cid, str(path)))
-        except CaseError as exc:
-            print(f"warning: skipped: {exc}", file=sys.stderr)
-    manifest["cases"] = kept
-    return dict(manifest)
-
-
-def resolve_cache_dir(path: str | os.PathLike[str] | Location) -> Location:
-    """Accept a keyed cache directory, or a root holding exactly one.
-
-    Raises:
-        CacheFormatError: nothing found, or several caches to choose from.
-    """
-    path = as_location(path)
-    check_reachable(path)
-    if (path / MANIFEST).exists():
-        return path
-    found = sorted((p.parent for p in path.glob(f"*/{MANIFEST}")), key=str)
-    if len(found) == 1:
-        return found[0]
-    if not found:
-        raise CacheFormatError(f"no cache under {path}: run preprocessing first")
-    names = ", ".join(p.name for p in found)
-    raise CacheFormatError(f"several caches under {path} ({names}); pass one of them")
-
-
-# ---------------------------------------------------------------- reading
-
-
-@dataclass(frozen=True)
-class _ArrayMeta:
-    """What the fast chunk reader needs of one array's ``zarr.json``."""
-
-    path: Location
-    shape: tuple[int, ...]
-    chunks: tuple[int, ...]
-    dtype: np.dtype
-    fast: bool  # bytes(little) [+ blosc], separator "/", fill 0, leading axes unchunked
-    raw: bool  # no compressor: chunk files are the C-order bytes, memory-mapped
-    written: frozenset[str] | None = None  # chunk keys "i/j/k" with a file (None: a case of an older version)
-    case_id: str = "?"
-
-    @classmethod
-    def load(cls, path: Location) -> _ArrayMeta:
-        meta = json.loads((path / "zarr.json").read_text())
-        shape = tuple(meta["shape"])
-        chunks = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
-        names = [c["name"] for c in meta["codecs"]]
-        endian = meta["codecs"][0].get("configuration", {}).get("endian", "little")
-        fast = (
-            names in (["bytes", "blosc"], ["bytes"])
-            and endian == "little"
-            and meta["chunk_key_encoding"] == {"name": "default", "configuration": {"separator": "/"}}
-            and meta["fill_value"] in (0, 0.0)
-            and chunks[:-3] == shape[:-3]
-        )
-        return cls(path, shape, chunks, np.dtype(meta["data_type"]).newbyteorder("<"), fast, names == ["bytes"])
 
 
 @dataclass(frozen=True)
@@ -454,7 +291,7 @@ class CachedCase:
 
     def __init__(self, path: str | os.PathLike[str] | Location) -> None:
         self.path = as_location(path)
-        attrs = _read_attrs(self.path)
+        attrs = read_attrs(self.path)
         if attrs is None or attrs.get("complete") is not True:
             raise CacheFormatError(f"{self.path}: not a complete cached case")
         if attrs.get("format_version") != FORMAT_VERSION:
@@ -463,13 +300,13 @@ class CachedCase:
             )
         self.attrs: dict[str, Any] = attrs
         self.case_id: str = check_case_id(attrs.get("case_id"), str(self.path))
-        if self.path.name != f"{self.case_id}{_SUFFIX}":
+        if self.path.name != f"{self.case_id}{SUFFIX}":
             raise CacheFormatError(f"{self.path}: holds case {self.case_id!r}, not the case its folder names")
         record = attrs.get(CHUNK_RECORD)
         self.chunk_record: dict[str, list[str]] | None = record if isinstance(record, dict) else None
 
-        def array(name: str) -> _ArrayMeta:
-            meta = _ArrayMeta.load(self.path / name)
+        def array(name: str) -> ArrayMeta:
+            meta = ArrayMeta.load(self.path / name)
             keys = None if self.chunk_record is None else frozenset(self.chunk_record.get(name, []))
             return dataclasses.replace(meta, written=keys, case_id=self.case_id)
 
@@ -519,179 +356,22 @@ class CachedCase:
         arrays = [self._image] if self._label is None else [self._image, self._label]
         fetched = None
         if not isinstance(self.path, Path):  # on object storage: every chunk of both arrays in one batch
-            fetched = _fetch([f for meta in arrays if meta.fast for _, f in _chunk_files(meta, start, size)])
-        image = _read_box(self._image, start, size, None if out is None else out[0], fetched)
+            fetched = fetch([f for meta in arrays if meta.fast for _, f in chunk_files(meta, start, size)])
+        image = read_box(self._image, start, size, None if out is None else out[0], fetched)
         label = None
         if self._label is not None:
-            label = _read_box(self._label, start, size, None if out is None else out[1], fetched)
+            label = read_box(self._label, start, size, None if out is None else out[1], fetched)
         return image, label
 
     def read_image(self) -> np.ndarray:
         """The whole cropped image, (4, X, Y, Z) in the stored dtype."""
-        return _read_box(self._image, (0, 0, 0), self.shape)
+        return read_box(self._image, (0, 0, 0), self.shape)
 
     def read_label(self) -> np.ndarray:
         """The whole cropped label, (X, Y, Z) uint8 classes 0..3."""
         if self._label is None:
             raise CacheFormatError(f"{self.case_id}: case has no label map")
-        return _read_box(self._label, (0, 0, 0), self.shape)
-
-
-_scratch = threading.local()
-
-
-class _Mappings:
-    """Memory maps of the speed setting's raw chunk files, kept open and shared by all threads.
-
-    Mapping a chunk file anew for every read made each read fault in its pages again, which cost more than
-    the copy itself (docs/benchmarks.md); kept open, a page is mapped once. At most ``limit`` maps stay
-    open (each holds a file descriptor), the least recently used closed first. A map is keyed by the
-    file's inode and modification time too, so a case written again is mapped again.
-    """
-
-    def __init__(self) -> None:
-        self._maps: OrderedDict[tuple[str, int, int], np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()
-        self.limit = _mapping_limit()
-
-    def get(self, path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-        """The chunk at ``path`` as a read-only array (FileNotFoundError when it was never written)."""
-        st = os.stat(path)
-        key = (str(path), st.st_ino, st.st_mtime_ns)
-        with self._lock:
-            found = self._maps.get(key)
-            if found is not None:
-                self._maps.move_to_end(key)
-                return found
-        mapped: np.ndarray = np.memmap(path, dtype=dtype, mode="r", shape=shape)
-        with self._lock:
-            self._maps[key] = mapped
-            while len(self._maps) > self.limit:
-                self._maps.popitem(last=False)  # closed when its last reader lets go
-        return mapped
-
-
-def _mapping_limit() -> int:
-    """Open chunk maps to keep: a quarter of the file-descriptor limit, at most 4096."""
-    try:
-        import resource
-
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    except (ImportError, OSError, ValueError):
-        return 256
-    return max(16, min(4096, (soft if soft > 0 else 1024) // 4))
-
-
-_mappings = _Mappings()
-
-
-def _chunk_buffer(dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-    """A per-thread buffer to decode chunks into.
-
-    Decoding into a reused buffer instead of a fresh one per chunk avoids
-    mapping and zero-filling new pages for every chunk.
-    """
-    n = int(np.prod(shape)) * dtype.itemsize
-    buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.nbytes < n:
-        buf = _scratch.buf = np.empty(n, dtype=np.uint8)
-    return buf[:n].view(dtype).reshape(shape)
-
-
-def _chunk_files(meta: _ArrayMeta, start: Sequence[int], size: Sequence[int]
-                 ) -> list[tuple[tuple[int, ...], Location]]:
-    """(chunk grid index, chunk file) of every chunk the box ``start:start+size`` touches inside the array."""
-    lead, spatial, cs = meta.shape[:-3], meta.shape[-3:], meta.chunks[-3:]
-    lo = [max(int(s), 0) for s in start]
-    hi = [min(int(s) + int(n), dim) for s, n, dim in zip(start, size, spatial)]
-    if any(a >= b for a, b in zip(lo, hi)):
-        return []
-    prefix = meta.path.joinpath("c", *(["0"] * len(lead)))
-    grid = itertools.product(*(range(a // c, (b - 1) // c + 1) for a, b, c in zip(lo, hi, cs)))
-    return [(ijk, prefix.joinpath(*(str(i) for i in ijk))) for ijk in grid]
-
-
-def _read_box(
-    meta: _ArrayMeta, start: tuple[int, ...], size: tuple[int, ...], out: np.ndarray | None = None,
-    fetched: dict[str, bytes] | None = None,
-) -> np.ndarray:
-    """Read ``array[..., start:start+size]`` with zero padding outside the array (into ``out`` if given).
-
-    ``fetched``: the chunks of a remote array, already fetched (see :func:`_fetch`)."""
-    lead, spatial = meta.shape[:-3], meta.shape[-3:]
-    shape = (*lead, *(int(n) for n in size))
-    lo = [max(int(s), 0) for s in start]
-    hi = [min(int(s) + int(n), dim) for s, n, dim in zip(start, size, spatial)]
-    inside = lo == [int(s) for s in start] and hi == [int(s) + int(n) for s, n in zip(start, size)]
-    if out is None:
-        out = np.empty(shape, dtype=meta.dtype) if inside else np.zeros(shape, dtype=meta.dtype)
-    else:
-        if out.shape != shape or out.dtype != meta.dtype:
-            raise ValueError(f"out has shape {out.shape} {out.dtype}, expected {shape} {meta.dtype}")
-        if not inside:  # a box inside the volume is overwritten whole below
-            out.fill(0)
-    if any(a >= b for a, b in zip(lo, hi)):
-        return out
-    if not meta.fast:
-        array = zarr.open_array(str(meta.path), mode="r")
-        sel: tuple[Any, ...] = (Ellipsis, *(slice(a, b) for a, b in zip(lo, hi)))
-        dst: tuple[Any, ...] = (Ellipsis, *(slice(a - s, b - s) for a, b, s in zip(lo, hi, start)))
-        out[dst] = array[sel]
-        return out
-    cs = meta.chunks[-3:]
-    block = _chunk_buffer(meta.dtype, meta.chunks)
-    chunks = _chunk_files(meta, start, size)
-    if fetched is None and not isinstance(meta.path, Path):
-        fetched = _fetch([f for _, f in chunks])
-    for ijk, chunk_file in chunks:
-        g0 = [max(i * c, a) for i, c, a in zip(ijk, cs, lo)]
-        g1 = [min((i + 1) * c, b) for i, c, b in zip(ijk, cs, hi)]
-        dst = (Ellipsis, *(slice(a - s, b - s) for a, b, s in zip(g0, g1, start)))
-        try:
-            if fetched is not None:
-                data = fetched.get(fs_path(chunk_file)[1])
-                if data is None:
-                    raise FileNotFoundError(chunk_file)
-                if meta.raw:
-                    block = np.frombuffer(data, dtype=meta.dtype).reshape(meta.chunks)
-                else:
-                    numcodecs.blosc.decompress(data, block)
-            elif meta.raw and isinstance(chunk_file, Path):  # the speed setting: copy straight out of the
-                block = _mappings.get(chunk_file, meta.dtype, meta.chunks)  # mapped file
-            else:
-                numcodecs.blosc.decompress(chunk_file.read_bytes(), block)
-        except FileNotFoundError:
-            key = "/".join(str(i) for i in ijk)
-            if meta.written is not None and key in meta.written:
-                raise CacheFormatError(f"{meta.case_id}: chunk {key} of {meta.path.name} is missing ({chunk_file}): "
-                                       "the cache is damaged; preprocess this case again (--force)") from None
-            out[dst] = 0  # chunk never written: all fill value
-            continue
-        except Exception as exc:  # blosc's "error during decompression", a short memory map, a bad reshape
-            key = "/".join(str(i) for i in ijk)
-            raise CacheFormatError(f"{meta.case_id}: chunk {key} of {meta.path.name} is corrupt ({chunk_file}: "
-                                   f"{type(exc).__name__}: {exc}): the cache is damaged; preprocess this case "
-                                   "again (--force)") from None
-        src: tuple[Any, ...] = (Ellipsis, *(slice(a - i * c, b - i * c) for a, b, i, c in zip(g0, g1, ijk, cs)))
-        out[dst] = block[src]
-    return out
-
-
-def _fetch(files: list[Location]) -> dict[str, bytes]:
-    """The bytes of the remote chunk ``files`` that exist, by their path in the file system: one
-    ``cat_ranges`` call, whose requests fsspec runs concurrently (a missing chunk costs one failed GET)."""
-    if not files:
-        return {}
-    fs, _ = fs_path(files[0])
-    paths = [fs_path(f)[1] for f in files]
-    out = {}
-    for path, got in zip(paths, fs.cat_ranges(paths, None, None, on_error="return")):
-        if isinstance(got, FileNotFoundError):
-            continue  # chunk never written: all fill value (0)
-        if isinstance(got, BaseException):
-            raise got
-        out[path] = bytes(got)
-    return out
+        return read_box(self._label, (0, 0, 0), self.shape)
 
 
 def open_case(cache_dir: str | os.PathLike[str] | Location, case_id: str) -> CachedCase:
@@ -699,23 +379,3 @@ def open_case(cache_dir: str | os.PathLike[str] | Location, case_id: str) -> Cac
     return CachedCase(case_path(cache_dir, case_id))
 
 
-@dataclass(frozen=True)
-class CacheInfo:
-    """A checked cache: its directory, manifest and complete case ids."""
-
-    path: Location
-    manifest: dict[str, Any]
-
-    @property
-    def case_ids(self) -> list[str]:
-        return list(self.manifest["cases"])
-
-    @property
-    def config(self) -> PreprocessConfig:
-        return PreprocessConfig.from_dict(self.manifest["preprocess"])
-
-
-def open_cache(path: str | os.PathLike[str] | Location) -> CacheInfo:
-    """Resolve and check a cache directory (see :func:`resolve_cache_dir`)."""
-    cache_dir = resolve_cache_dir(path)
-    return CacheInfo(cache_dir, read_manifest(cache_dir))
