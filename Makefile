@@ -32,7 +32,7 @@ DEMO_SEED  ?= 0
 DEMO_VAL_CASES ?= 4
 DEMO_VAL   ?= data/synthetic-val
 
-.PHONY: help setup synthetic preprocess cache-info cache-verify train cv predict evaluate evaluate-run demo test typecheck lint bench bench-quality clean-demo
+.PHONY: help setup setup-official synthetic preprocess cache-info cache-verify train cv predict evaluate evaluate-run demo test typecheck lint bench bench-quality clean-demo
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -42,6 +42,10 @@ setup:  ## create .venv and install the project with its dev extra
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q "$(TORCH)"
 	$(VENV)/bin/python -m pip install -q -e ".[dev]"
+
+setup-official:  ## install the BraTS organisers' evaluation package into .venv-official (tests cross-check our metrics with it)
+	test -x .venv-official/bin/python || python3 -m venv .venv-official
+	.venv-official/bin/python -m pip install -q "brats-evaluation==0.0.10"
 
 synthetic:  ## write DEMO_CASES synthetic BraTS2020-style cases into RAW, and DEMO_VAL_CASES held-out ones into DEMO_VAL
 	$(PYTHON) -m pipeline.synthetic $(RAW) --cases $(DEMO_CASES) --shape $(DEMO_SHAPE) --seed $(DEMO_SEED)
