@@ -21,10 +21,11 @@ from pipeline.errors import CheckpointError, ConfigError, TrainingError
 from preprocess.run import run_preprocess
 from tests.conftest import REPO, real_dir
 from train.checkpoint import load_checkpoint, model_from_checkpoint
-from train.config import RECIPE_POSTPROCESSING, RECIPES, TrainConfig, resolve
-from train.dataset import PatchDataset, PatchSpec, make_batches
+from train.config import RECIPE_POSTPROCESSING, RECIPES, RunConfig, TrainConfig, resolve
+from train.dataset import BatchPlan, PatchDataset, PatchSpec, make_batches
+from train.parts import build
 from train.predictor import load_postprocessing
-from train.trainer import MAX_SKIPPED_STEPS, build, fit, lr_factor, train_step
+from train.trainer import MAX_SKIPPED_STEPS, fit, lr_factor, train_step
 
 FAST = dict(preset="small", patch_size=(16, 16, 16), batch_size=2, n_folds=3, p_fg=1.0, workers=1, val_overlap=0.25)
 
@@ -60,7 +61,7 @@ def test_a_step_with_non_finite_gradients_is_recomputed_in_float32_or_not_taken(
                       augment="none", optimizer="adamw", lr=1e-3, **{**FAST, "workers": 0})
     parts = build(cfg)
     spec = PatchSpec(tuple(parts.cfg.patch_size), 1.0, seed=0)
-    batch = next(iter(make_batches(parts.cfg.loader, PatchDataset(cache_dir, ids, spec, 2), 0, 1, 2, 0)))
+    batch = next(iter(make_batches(PatchDataset(cache_dir, ids, spec, 2), BatchPlan(parts.cfg.loader, 0, 1, 2))))
     before = [p.detach().clone() for p in parts.model.parameters()]
 
     parts.step_model = FailsUnderAutocast(parts.model)
@@ -199,12 +200,16 @@ def test_time_budget_stops_training_and_resume_continues_its_schedule(tiny_cache
     cache_dir, _ = tiny_cache
     run = tmp_path / "run"
     cfg = TrainConfig(cache_dir=str(cache_dir), run_dir=str(run), fold="all", epochs=10_000, iters_per_epoch=5,
-                      time_budget=0.05, optimizer="adam", lr=1e-3, schedule="cosine",
-                      **{k: v for k, v in FAST.items() if k != "n_folds"})
+                      optimizer="adam", lr=1e-3, schedule="cosine", **{k: v for k, v in FAST.items() if k != "n_folds"})
+    # the budget is sized to this machine's step now (at least 3 s, at least 15 steps), so a busy machine
+    # makes the run take longer, never makes it fail
+    probe = fit(dataclasses.replace(cfg, run_dir=str(tmp_path / "probe"), epochs=1, iters_per_epoch=3), progress=False)
+    budget_s = max(3.0, 15 * probe["step_seconds"])
+    cfg = dataclasses.replace(cfg, time_budget=budget_s / 60)
     first = fit(cfg, progress=False)
     state = torch.load(run / "last.pt", weights_only=True)
     # stopped by the clock, not the step count (the last checkpoint may be written just before the budget ends)
-    assert 0 < first["step"] < 50_000 and state["elapsed_s"] >= 2.0
+    assert 0 < first["step"] < 50_000 and state["elapsed_s"] >= budget_s * 2 / 3
     lrs = _scalars(run, "train/lr", session=0)
     assert len(lrs) == first["step"] and 0 < lrs[0] <= 1e-3
     # cosine over the budget, not over the 50,000 steps (after which the last rate would still be 0.99999e-3);
@@ -212,11 +217,11 @@ def test_time_budget_stops_training_and_resume_continues_its_schedule(tiny_cache
     assert all(b <= a for a, b in zip(lrs, lrs[1:])) and lrs[-1] < 0.95e-3
     again = fit(cfg, resume=True, progress=False)
     assert again["step"] == first["step"]  # the budget is spent: nothing more to do
-    longer = fit(dataclasses.replace(cfg, time_budget=0.1), resume=True, progress=False)
+    longer = fit(dataclasses.replace(cfg, time_budget=2 * budget_s / 60), resume=True, progress=False)
     resumed_lrs = _scalars(run, "train/lr", session=-1)
-    assert longer["step"] > first["step"] and longer["elapsed_s"] >= 5.0
+    assert longer["step"] > first["step"] and longer["elapsed_s"] >= budget_s * 5 / 3
     # the schedule continues from the share of the (longer) budget already spent, not from the start
-    spent = state["elapsed_s"] / 6.0
+    spent = state["elapsed_s"] / (2 * budget_s)
     assert 0 < resumed_lrs[0] <= 1e-3 * lr_factor("cosine", spent) + 1e-12
 
 
@@ -260,3 +265,16 @@ def test_defaults_follow_the_device() -> None:
     assert resolve(TrainConfig(cache_dir="c", run_dir="r", compile=False), "cuda", cpu_bf16=False).compile is False
     with pytest.raises(ConfigError, match="fp16 needs CUDA"):
         resolve(TrainConfig(cache_dir="c", run_dir="r", amp="fp16"), "cpu", cpu_bf16=True)
+
+
+def test_a_resolved_config_has_the_settings_of_a_given_one_each_filled_in() -> None:
+    given, resolved = dataclasses.fields(TrainConfig), dataclasses.fields(RunConfig)
+    assert [f.name for f in given] == [f.name for f in resolved]
+    optional = {f.name for f in resolved if "None" in str(f.type)}
+    assert optional == {"deep_supervision", "time_budget", "n_folds"}  # None means something there
+    for device, bf16 in (("cpu", True), ("cpu", False), ("cuda", False)):
+        run = resolve(TrainConfig(cache_dir="c", run_dir="r"), device, cpu_bf16=bf16)
+        assert isinstance(run, RunConfig) and all(getattr(run, k) is not None for k in
+                                                  {f.name for f in resolved} - optional), device
+        assert run.to_dict() == dataclasses.replace(TrainConfig(cache_dir="c", run_dir="r"), **{
+            k: v for k, v in run.to_dict().items() if k not in ("cache_dir", "run_dir")}).to_dict()
