@@ -40,7 +40,7 @@ from pipeline.cache import PreprocessConfig, open_cache, open_case
 from pipeline.nifti import discover_cases
 from preprocess.run import run_preprocess
 from train.augment import LEVELS, augment_batch, region_for, sample_generators
-from train.dataset import PatchDataset, PatchSpec, make_batches
+from train.dataset import BatchPlan, PatchDataset, PatchSpec, make_batches
 
 PATCH = (128, 128, 128)
 BATCH = 2
@@ -57,7 +57,7 @@ def ours(cache_dir: Path, patches: int, on_cpu: bool) -> dict[str, Any]:
     level = LEVELS["nnunet"]
     ds = PatchDataset(info.path, info.case_ids, PatchSpec(PATCH, 0.33, 1, level), 10**7)
     steps = patches // BATCH
-    batches = make_batches("threads", ds, 0, steps + 1, BATCH, 1)
+    batches = make_batches(ds, BatchPlan("threads", 0, steps + 1, BATCH, 1))
     next(batches)  # warm
     cpu0, wall0 = time.process_time(), time.perf_counter()
     for batch in batches:

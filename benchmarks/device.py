@@ -33,7 +33,7 @@ from pipeline.cache import PreprocessConfig, open_cache
 from preprocess.run import run_preprocess
 from train.augment import LEVELS, augment_batch, sample_generators
 from train.config import TrainConfig, resolve
-from train.dataset import PatchDataset, PatchSpec, make_batches
+from train.dataset import BatchPlan, PatchDataset, PatchSpec, make_batches
 
 
 def _sync(device: torch.device) -> None:
@@ -58,7 +58,7 @@ def _batches(cache_dir: Path, patch: tuple[int, int, int], level: str, batch: in
              ) -> list[dict[str, Any]]:
     info = open_cache(cache_dir)
     ds = PatchDataset(info.path, info.case_ids, PatchSpec(patch, 0.33, 1, LEVELS[level]), 10**7)
-    return list(make_batches("threads", ds, 0, n, batch, 2, pin_memory=pin))
+    return list(make_batches(ds, BatchPlan("threads", 0, n, batch, 2, pin_memory=pin)))
 
 
 def augmentation_ms(cache_dir: Path, patch: tuple[int, int, int], batch: int, reps: int,
@@ -80,7 +80,8 @@ def augmentation_ms(cache_dir: Path, patch: tuple[int, int, int], batch: int, re
 def step_ms(cache_dir: Path, workdir: Path, batch: int, reps: int, device: torch.device, **variant: Any
             ) -> dict[str, Any]:
     """Median milliseconds of a training step (``train.trainer.train_step``, ``--augment none``)."""
-    from train.trainer import build, train_step
+    from train.parts import build
+    from train.trainer import train_step
 
     cfg = TrainConfig(cache_dir=str(cache_dir), run_dir=str(workdir / "step"), device=str(device), fold="all",
                       augment="none", batch_size=batch, **variant)
@@ -110,7 +111,7 @@ def loader(caches: dict[str, Path], patch: tuple[int, int, int], patches: int) -
         info = open_cache(cache)
         for workers in (1, 2, 4):
             ds = PatchDataset(info.path, info.case_ids, PatchSpec(patch, 0.33, 1, LEVELS["nnunet"]), 10**7)
-            batches = make_batches("threads", ds, 0, patches // 2 + 1, 2, workers)
+            batches = make_batches(ds, BatchPlan("threads", 0, patches // 2 + 1, 2, workers))
             next(batches)
             cpu0, wall0 = time.process_time(), time.perf_counter()
             for _ in batches:

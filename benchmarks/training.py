@@ -24,7 +24,7 @@ from pipeline.model import build_model, count_parameters, model_preset
 from pipeline.nifti import discover_cases
 from preprocess.run import run_preprocess
 from train.checkpoint import save_checkpoint
-from train.dataset import PatchDataset, PatchSpec, make_batches
+from train.dataset import BatchPlan, PatchDataset, PatchSpec, make_batches
 from train.predict import run_predict
 from train.predictor import PredictConfig
 
@@ -44,7 +44,7 @@ def _pass(cache_dir: Path, kind: str, workers: int, patches: int, cast: bool) ->
     """Seconds to receive ``patches`` patches in batches of 2 (after 2 untimed batches)."""
     info = open_cache(cache_dir)
     ds = PatchDataset(info.path, info.case_ids, PatchSpec(PATCH, p_fg=0.33, seed=1), 10**7)
-    batches = make_batches(kind, ds, 0, patches // BATCH + 2, BATCH, workers)
+    batches = make_batches(ds, BatchPlan(kind, 0, patches // BATCH + 2, BATCH, workers))
     for _ in range(2):  # warm: worker start-up, first page mapping
         next(batches)
     t0 = time.perf_counter()
@@ -114,7 +114,7 @@ def data_wait_share(cache_dir: Path, preset: str, patch: tuple[int, int, int], s
     ds = PatchDataset(info.path, info.case_ids, PatchSpec(patch, seed=2), 10**7)
     wait, t0 = 0.0, time.perf_counter()
     t_prev = t0
-    for batch in make_batches("threads", ds, 0, steps, BATCH, 2):
+    for batch in make_batches(ds, BatchPlan("threads", 0, steps, BATCH, 2)):
         wait += time.perf_counter() - t_prev
         opt.zero_grad(set_to_none=True)
         loss_fn(model(batch["image"].float()), batch["label"].long()).backward()

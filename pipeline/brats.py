@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
@@ -45,8 +46,10 @@ REGIONS: dict[str, tuple[int, ...]] = {"WT": (NCR, ED, ET), "TC": (NCR, ET), "ET
 #: painting order (each overwrites the previous): WT -> ED, then TC -> NCR, then ET -> ET.
 REGION_PAINT: tuple[tuple[int, int], ...] = ((0, ED), (1, NCR), (2, ET))
 
-#: Loss modes and the output activation each trains: sigmoid regions or softmax classes.
-LOSS_OUTPUT: dict[str, str] = {"regions": "sigmoid", "classes": "softmax"}
+#: The output activation of a network: sigmoid regions or softmax classes.
+Activation = Literal["sigmoid", "softmax"]
+#: Loss modes and the output activation each trains.
+LOSS_OUTPUT: dict[str, Activation] = {"regions": "sigmoid", "classes": "softmax"}
 #: Output channels per loss mode.
 LOSS_CHANNELS: dict[str, int] = {"regions": len(REGIONS), "classes": NUM_CLASSES}
 #: Names of the probability channels per activation.

@@ -7,6 +7,11 @@ import torch
 from pipeline.errors import ConfigError
 
 
+def valid_device_name(name: str) -> bool:
+    """Whether ``name`` is a device a setting may name: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+    return name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit())
+
+
 def resolve_device(name: str) -> torch.device:
     """``"auto"`` -> CUDA if available, else CPU.
 

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from pipeline.brats import REGION_PAINT
+from pipeline.brats import REGION_PAINT, Activation
 from pipeline.errors import ConfigError
 
 Output = Literal["softmax", "sigmoid", "logits"]
@@ -173,7 +173,7 @@ def sliding_window_predict(
     return result.to("cpu", copy=True)
 
 
-def probs_to_labels(probs: torch.Tensor, mode: Literal["softmax", "sigmoid"]) -> torch.Tensor:
+def probs_to_labels(probs: torch.Tensor, mode: Activation) -> torch.Tensor:
     """Class labels 0..3 from per-voxel model outputs.
 
     Args:

@@ -5,15 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.cache import CODECS, PreprocessConfig
+from pipeline.cache import PreprocessConfig
 from pipeline.cache.location import redact
+from pipeline.config import add_settings, settings_from_args
 from pipeline.errors import PipelineError
 from pipeline.nifti import MAX_VOXELS
 from preprocess.run import BACKENDS, WORKER_WAIT_S, run_preprocess
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = PreprocessConfig()
     p = argparse.ArgumentParser(
         prog="python -m preprocess",
         description=(
@@ -40,21 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--max-voxels", type=int, default=MAX_VOXELS,
                    help="refuse a file whose header declares more voxels (checked before its data are read)")
-    g = p.add_argument_group("settings (a change makes a new cache)")
-    g.add_argument("--dtype", default=d.dtype, choices=["float16", "float32"], help="image dtype on disk")
-    g.add_argument("--chunk", type=int, nargs=3, default=list(d.chunk), metavar=("X", "Y", "Z"),
-                   help="spatial chunk shape (a chunk holds all four channels)")
-    g.add_argument("--codec", default=d.codec, choices=list(CODECS),
-                   help="Blosc compressor (lz4hc with --clevel 9 reads faster and is larger: docs/benchmarks.md), or "
-                   "none: uncompressed chunks copied out of memory-mapped files, the speed setting (see "
-                   "docs/cache-format.md)")
-    g.add_argument("--clevel", type=int, default=d.clevel, help="compression level 0..9")
-    g.add_argument("--blocksize", type=int, default=d.blocksize, help="Blosc block size in bytes (0: auto)")
-    g.add_argument("--shuffle", default=d.shuffle, choices=["noshuffle", "shuffle", "bitshuffle"],
-                   help="Blosc byte filter")
-    g.add_argument("--max-indices", type=int, default=d.max_indices_per_class,
-                   help="tumour coordinates kept per class (0: all)")
-    g.add_argument("--index-seed", type=int, default=d.index_seed, help="seed of the tumour-coordinate sample")
+    add_settings(p.add_argument_group("settings (a change makes a new cache)"), PreprocessConfig)
     return p
 
 
@@ -63,13 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.max_voxels < 1:
         parser.error(f"--max-voxels must be >= 1, got {args.max_voxels}")
-    if args.max_indices < 0:
-        parser.error(f"--max-indices must be >= 0 (0: keep all), got {args.max_indices}")
+    if args.max_indices_per_class < 0:
+        parser.error(f"--max-indices must be >= 0 (0: keep all), got {args.max_indices_per_class}")
     try:
-        cfg = PreprocessConfig(
-            dtype=args.dtype, chunk=tuple(args.chunk), codec=args.codec, clevel=args.clevel,
-            shuffle=args.shuffle, blocksize=args.blocksize, max_indices_per_class=args.max_indices or None, index_seed=args.index_seed,
-        )
+        cfg = settings_from_args(PreprocessConfig, args)
         summary = run_preprocess(
             args.raw_dir, args.cache_dir, cfg, name=getattr(args, "name", None), jobs=args.jobs, force=args.force,
             progress=not args.no_progress, backend=args.backend, scheduler=args.scheduler,

@@ -20,7 +20,7 @@ from train.augment import (
     warp_region,
 )
 from train.augment.intensity import _blur, _gamma
-from train.dataset import PatchDataset, PatchSpec, make_batches
+from train.dataset import BatchPlan, PatchDataset, PatchSpec, make_batches
 
 CPU = torch.device("cpu")
 
@@ -189,7 +189,7 @@ def _batches(cache_dir, ids, loader: str, workers: int, level: str = "nnunet") -
     spec = PatchSpec((16, 16, 16), p_fg=0.5, seed=9, augment=LEVELS[level])
     dataset = PatchDataset(cache_dir, ids, spec, 64)
     out = []
-    for batch in make_batches(loader, dataset, 0, 6, 3, workers):
+    for batch in make_batches(dataset, BatchPlan(loader, 0, 6, 3, workers)):
         out.append(augment_batch(batch, LEVELS[level], sample_generators(9, batch["index"].tolist()), CPU))
     return out
 
@@ -210,7 +210,7 @@ def test_a_sample_is_augmented_the_same_in_any_batch_split(tiny_cache) -> None:
 
     def run(batch_size: int, rank: int, world: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [augment_batch(b, level, sample_generators(2, b["index"].tolist()), CPU)
-                for b in make_batches("threads", dataset, 0, 4, batch_size, 1, rank=rank, world=world)]
+                for b in make_batches(dataset, BatchPlan("threads", 0, 4, batch_size, 1, rank=rank, world=world))]
 
     whole, halves = run(4, 0, 1), [run(2, r, 2) for r in range(2)]
     for step, (image, label) in enumerate(whole):

@@ -18,7 +18,7 @@ from tests.conftest import REPO
 from train.augment import LEVELS, augment_batch, sample_generators
 from train.checkpoint import load_checkpoint, model_from_checkpoint
 from train.config import TrainConfig
-from train.dataset import PatchDataset, PatchSpec, make_batches
+from train.dataset import BatchPlan, PatchDataset, PatchSpec, make_batches
 from train.trainer import fit
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
@@ -32,7 +32,7 @@ def test_device_augmentation_matches_the_cpu(tiny_cache, level: str) -> None:
     cfg = dataclasses.replace(LEVELS[level], p_noise=0.0, p_rotation=0.5, p_scaling=0.5, p_blur=0.5, p_gamma=0.5)
     dataset = PatchDataset(cache_dir, ids, PatchSpec((16, 16, 16), p_fg=0.5, seed=4, augment=cfg), 64)
     spatial = 0
-    for batch in make_batches("threads", dataset, 0, 4, 4, 1, pin_memory=True):
+    for batch in make_batches(dataset, BatchPlan("threads", 0, 4, 4, 1, pin_memory=True)):
         spatial += len(batch["spatial"])
         cpu = augment_batch(batch, cfg, sample_generators(4, batch["index"].tolist()), torch.device("cpu"))
         gpu = augment_batch(batch, cfg, sample_generators(4, batch["index"].tolist()), CUDA)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from train.dataset import PatchDataset, PatchSpec, RunSampler, collate, make_batches, split_cases
+from train.dataset import BatchPlan, PatchDataset, PatchSpec, RunSampler, collate, make_batches, split_cases
 
 PATCH = (32, 40, 24)
 
@@ -37,15 +37,15 @@ def test_large_patch_is_padded(tiny_cache) -> None:
 def test_same_seed_same_patches_whatever_the_loader(tiny_cache, kind: str, workers: int) -> None:
     cache_dir, ids = tiny_cache
     ds = PatchDataset(cache_dir, ids, PatchSpec(PATCH, seed=9), 24)
-    reference = _starts(make_batches("threads", ds, 0, 6, 2, 0))
-    assert _starts(make_batches(kind, ds, 0, 6, 2, workers)) == reference
+    reference = _starts(make_batches(ds, BatchPlan("threads", 0, 6, 2, 0)))
+    assert _starts(make_batches(ds, BatchPlan(kind, 0, 6, 2, workers))) == reference
     # resuming at step 3 (sample 6) continues with the same patches
-    assert _starts(make_batches(kind, ds, 6, 3, 2, workers)) == reference[3:]
+    assert _starts(make_batches(ds, BatchPlan(kind, 6, 3, 2, workers))) == reference[3:]
     # the thread loader decodes into the batch tensor: same bytes as the plain dataset items
-    for batch, k in zip(make_batches(kind, ds, 2, 2, 2, workers), (2, 4)):
+    for batch, k in zip(make_batches(ds, BatchPlan(kind, 2, 2, 2, workers)), (2, 4)):
         assert torch.equal(batch["image"][1], ds[k + 1]["image"]) and torch.equal(batch["label"][0], ds[k]["label"])
     other = PatchDataset(cache_dir, ids, PatchSpec(PATCH, seed=10), 24)
-    assert _starts(make_batches(kind, other, 0, 6, 2, workers)) != reference
+    assert _starts(make_batches(other, BatchPlan(kind, 0, 6, 2, workers))) != reference
 
 
 @pytest.mark.parametrize("context", ["fork", "spawn"])
@@ -54,10 +54,10 @@ def test_dataloader_options(tiny_cache, context: str) -> None:
     ds = PatchDataset(cache_dir, ids, PatchSpec(PATCH, seed=1), 8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pin_memory without an accelerator warns
-        loader = DataLoader(ds, batch_size=2, sampler=RunSampler(0, 4, 2), num_workers=2, collate_fn=collate,
+        loader = DataLoader(ds, batch_size=2, sampler=RunSampler(BatchPlan("processes", 0, 4, 2)), num_workers=2, collate_fn=collate,
                             persistent_workers=True, pin_memory=True, multiprocessing_context=context)
         first, second = [_starts(loader) for _ in range(2)]
-    assert first == second == _starts(make_batches("threads", ds, 0, 4, 2, 1))
+    assert first == second == _starts(make_batches(ds, BatchPlan("threads", 0, 4, 2, 1)))
     worker_starts = [s for batch in first for s in batch[:2]]
     assert len(set(worker_starts)) > 1  # the two workers' samples differ
 
@@ -67,8 +67,8 @@ def test_ranks_share_the_global_batch_of_one_process(tiny_cache, kind: str, work
     """W ranks with batch b read disjoint samples whose union, step by step, is one process's batch W * b."""
     cache_dir, ids = tiny_cache
     ds = PatchDataset(cache_dir, ids, PatchSpec(PATCH, seed=4), 64)
-    single = list(make_batches(kind, ds, 5, 3, 4, workers))
-    ranks = [list(make_batches(kind, ds, 5, 3, 2, workers, rank=r, world=2)) for r in range(2)]
+    single = list(make_batches(ds, BatchPlan(kind, 5, 3, 4, workers)))
+    ranks = [list(make_batches(ds, BatchPlan(kind, 5, 3, 2, workers, rank=r, world=2))) for r in range(2)]
     for step, whole in enumerate(single):
         parts = [ranks[r][step] for r in range(2)]
         assert torch.equal(torch.cat([p["index"] for p in parts]), whole["index"])

@@ -19,7 +19,8 @@ from tests.conftest import REPO, free_port
 from train import distributed
 from train.checkpoint import load_checkpoint
 from train.config import TrainConfig
-from train.trainer import build, fit
+from train.parts import build
+from train.trainer import fit
 
 #: A short SGD run without autocast, so two processes and one agree up to float reduction order.
 ARGS = ["--preset", "small", "--patch-size", "16", "16", "16", "--n-folds", "3", "--p-fg", "0.5",

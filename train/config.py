@@ -10,20 +10,29 @@ full ``brats`` recipe. The resolved config (no ``None`` left but
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass
 from typing import Any
 
+from pipeline.brats import LOSS_OUTPUT
 from pipeline.cache.location import is_url
-from pipeline.config import Config
+from pipeline.config import Config, setting
+from pipeline.device import valid_device_name
 from pipeline.errors import ConfigError
+from pipeline.model import PRESETS
 from pipeline.postprocess import PostProcessing
+from train.augment.config import LEVELS
 
 OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULES = ("poly", "cosine")
 AMP = ("none", "bf16", "fp16")
 LOADERS = ("threads", "processes")
-AUGMENT_LEVELS = ("none", "light", "nnunet", "brats2020")
+AUGMENT_LEVELS = tuple(LEVELS)  # owned by train.augment
+LOSS_MODES = tuple(LOSS_OUTPUT)  # owned by pipeline.brats
+#: The help texts' word for a setting the device's recipe fills in.
+RECIPE = "default: the device's recipe"
 ALL = "all"
+#: Folds of the split when a run names none (as nnU-Net).
+DEFAULT_FOLDS = 5
 
 #: The defaults of each device, chosen by measurement (docs/benchmarks.md, "Quality on real cases").
 RECIPES: dict[str, dict[str, Any]] = {
@@ -84,36 +93,75 @@ class TrainConfig(Config):
     ``None`` means "the device's recipe" (see :func:`resolve`).
     """
 
-    cache_dir: str
-    run_dir: str
-    preset: str | None = None
-    loss_mode: str = "regions"
-    deep_supervision: bool | None = None
-    patch_size: tuple[int, int, int] | None = None
-    batch_size: int | None = None
-    epochs: int | None = None
-    iters_per_epoch: int | None = None
-    time_budget: float | None = None
-    optimizer: str | None = None
-    lr: float | None = None
-    schedule: str | None = None
-    weight_decay: float = 3e-5
-    p_fg: float | None = None
-    augment: str | None = None
-    fold: int | str = 0
-    n_folds: int | None = None
-    seed: int = 0
-    device: str = "auto"
-    amp: str | None = None
-    compile: bool | None = None
-    channels_last: bool | None = None
-    sync_bn: bool = False
-    dist_timeout: float = 10.0
-    loader: str = "threads"
-    workers: int = 2
-    val_every: int = 1
-    val_overlap: float = 0.5
-    max_val_cases: int = 0
+    cache_dir: str = setting(
+        MISSING,
+        'keyed cache directory, or a cache root holding exactly one cache (a folder, or an fsspec URL such as'
+        ' s3://bucket/prefix)')
+    run_dir: str = setting(MISSING, 'where checkpoints, TensorBoard logs and the run record go')
+    preset: str | None = setting(
+        None,
+        f"model preset: seed (the write-up's U-Net), small (the CPU-budget recipe's), medium (16-256 "
+        f'channels), brats (GPU, nnU-Net-sized); {RECIPE}', choices=PRESETS)
+    loss_mode: str = setting(
+        "regions",
+        'regions (sigmoid WT/TC/ET, Dice+BCE, as nnU-Net for BraTS) or classes (softmax, Dice+CE)', choices=LOSS_MODES)
+    deep_supervision: bool | None = setting(None, "true/false; default: the preset's")
+    patch_size: tuple[int, int, int] | None = setting(None, f'patch size in voxels per axis; {RECIPE}')
+    batch_size: int | None = setting(None, f'patches per step (per rank under torchrun); {RECIPE}')
+    epochs: int | None = setting(None, f'epochs (a checkpoint after each); {RECIPE}')
+    iters_per_epoch: int | None = setting(None, f'optimisation steps per epoch; {RECIPE}')
+    time_budget: float | None = setting(
+        None,
+        'stop training when this many minutes are spent (the clock is checked before each step; validation '
+        'and checkpoints count against it) and run the learning-rate schedule over the elapsed share of the '
+        'budget; --resume continues the same budget')
+    optimizer: str | None = setting(
+        None,
+        f'sgd (Nesterov, momentum 0.99), adam or adamw; {RECIPE}', choices=OPTIMIZERS)
+    lr: float | None = setting(None, f'initial learning rate; {RECIPE}')
+    schedule: str | None = setting(
+        None,
+        f'learning-rate decay to 0 over the steps (or the time budget): poly (exponent 0.9) or cosine; '
+        f'{RECIPE}', choices=SCHEDULES)
+    weight_decay: float = setting(3e-5, 'weight decay')
+    p_fg: float | None = setting(None, f'share of patches centred on a tumour voxel; {RECIPE}')
+    augment: str | None = setting(
+        None,
+        f'augmentation level, run batched on the training device: none; light (mirroring, intensity '
+        f"scale/shift, noise); nnunet (nnU-Net v2's default transforms: rotation, scaling, noise, blur, "
+        f'brightness, contrast, low resolution, gamma, mirroring; rotated or scaled patches are cut from a '
+        f"region read larger than the patch); brats2020 (nnU-Net's BraTS 2020 DA4); {RECIPE}", choices=AUGMENT_LEVELS)
+    fold: int | str = setting(
+        0,
+        "validation fold, 0 .. n-folds - 1 (k-fold split by case id), or 'all': train on every labelled case,"
+        ' no validation; the final weights (last.pt) are the model')
+    n_folds: int | None = setting(None, 'number of folds of the split (default 5; not with --fold all)')
+    seed: int = setting(0, 'seed of patches, augmentation and initial weights')
+    device: str = setting("auto", 'auto (CUDA if present), cpu, cuda, cuda:N')
+    amp: str | None = setting(
+        None,
+        'autocast: bf16, fp16 (CUDA only, with a grad scaler) or none; default: bf16 on CUDA and on CPUs with'
+        ' native bf16 (AMX/AVX512-BF16), else none', choices=AMP)
+    compile: bool | None = setting(
+        None,
+        'torch.compile the training step; default: on with CUDA (compiling takes seconds, then the step runs '
+        'faster: docs/benchmarks.md, GPU), off on a CPU')
+    channels_last: bool | None = setting(None, 'channels-last-3d memory format; default: on for bf16 on a CPU')
+    sync_bn: bool = setting(
+        False,
+        'under torchrun on CUDA: synchronise batch-norm statistics across ranks (SyncBatchNorm; presets with '
+        'batch norm only)', switch=False)
+    dist_timeout: float = setting(
+        10.0,
+        'under torchrun: minutes any collective waits for the other ranks before the job fails (a rank that '
+        'died or hangs ends the job with an error, not a hang)')
+    loader: str = setting(
+        "threads",
+        'threads (thread pool in this process) or processes (torch DataLoader workers)', choices=LOADERS)
+    workers: int = setting(2, 'loader threads or processes')
+    val_every: int = setting(1, 'validate every N epochs')
+    val_overlap: float = setting(0.5, 'overlap of sliding windows at validation')
+    max_val_cases: int = setting(0, 'validate on at most N held-out cases (0: all)')
 
     def __post_init__(self) -> None:
         if self.patch_size is not None:
@@ -125,7 +173,7 @@ class TrainConfig(Config):
             object.__setattr__(self, "fold", int(fold))
         if self.fold == ALL and self.n_folds is not None:
             raise ConfigError(f"--fold all trains on every case; it takes no --n-folds (got {self.n_folds})")
-        n_folds = 5 if self.n_folds is None else self.n_folds
+        n_folds = DEFAULT_FOLDS if self.n_folds is None else self.n_folds
         checks = [
             (self.patch_size is None or (len(self.patch_size) == 3 and min(self.patch_size) >= 8),
              "patch_size", self.patch_size),
@@ -139,7 +187,7 @@ class TrainConfig(Config):
             (self.p_fg is None or 0.0 <= self.p_fg <= 1.0, "p_fg", self.p_fg),
             (n_folds >= 2, "n_folds (>= 2)", self.n_folds),
             (self.fold == ALL or 0 <= int(self.fold) < n_folds, f"fold (0 .. {n_folds - 1} or 'all')", self.fold),
-            (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+            (valid_device_name(self.device),
              "device (auto, cpu, cuda, cuda:N)", self.device),
             (self.amp is None or self.amp in AMP, "amp", self.amp),
             (self.loader in LOADERS, "loader", self.loader),
@@ -148,7 +196,7 @@ class TrainConfig(Config):
             (not is_url(self.run_dir), "run_dir (a local folder: only the cache may be a URL)", self.run_dir),
             (self.val_every >= 1, "val_every", self.val_every),
             (0.0 <= self.val_overlap < 1.0, "val_overlap", self.val_overlap),
-            (self.loss_mode in ("regions", "classes"), "loss_mode", self.loss_mode),
+            (self.loss_mode in LOSS_MODES, "loss_mode", self.loss_mode),
             (self.augment is None or self.augment in AUGMENT_LEVELS, f"augment (one of {AUGMENT_LEVELS})",
              self.augment),
         ]
@@ -156,14 +204,51 @@ class TrainConfig(Config):
             if not ok:
                 raise ConfigError(f"invalid {name}: {value!r}")
 
+
+@dataclass(frozen=True)
+class RunConfig(Config):
+    """A :class:`TrainConfig` after :func:`resolve`: the same fields in the same order, every recipe value
+    filled in, so a run reads its settings without a fallback. Three stay optional because ``None`` has a
+    meaning of its own there: ``deep_supervision`` (the preset's choice), ``time_budget`` (no budget) and
+    ``n_folds`` (a ``--fold all`` run has no folds). Its :meth:`to_dict` is what a run stores."""
+
+    cache_dir: str
+    run_dir: str
+    preset: str
+    loss_mode: str
+    deep_supervision: bool | None
+    patch_size: tuple[int, int, int]
+    batch_size: int
+    epochs: int
+    iters_per_epoch: int
+    time_budget: float | None
+    optimizer: str
+    lr: float
+    schedule: str
+    weight_decay: float
+    p_fg: float
+    augment: str
+    fold: int | str
+    n_folds: int | None
+    seed: int
+    device: str
+    amp: str
+    compile: bool
+    channels_last: bool
+    sync_bn: bool
+    dist_timeout: float
+    loader: str
+    workers: int
+    val_every: int
+    val_overlap: float
+    max_val_cases: int
+
     @property
     def total_steps(self) -> int:
-        if self.epochs is None or self.iters_per_epoch is None:
-            raise ConfigError("total_steps of an unresolved TrainConfig (call train.config.resolve first)")
         return self.epochs * self.iters_per_epoch
 
 
-def resolve(cfg: TrainConfig, device_type: str, cpu_bf16: bool) -> TrainConfig:
+def resolve(cfg: TrainConfig, device_type: str, cpu_bf16: bool) -> RunConfig:
     """Fill every ``None`` from the recipe of ``device_type`` ("cpu" or "cuda").
 
     Args:
@@ -186,8 +271,12 @@ def resolve(cfg: TrainConfig, device_type: str, cpu_bf16: bool) -> TrainConfig:
     if cfg.compile is None:  # compiled, the CUDA step runs faster (docs/benchmarks.md, "GPU")
         fill["compile"] = device_type == "cuda"
     if cfg.n_folds is None and cfg.fold != ALL:
-        fill["n_folds"] = 5
+        fill["n_folds"] = DEFAULT_FOLDS
     out = dataclasses.replace(cfg, **fill)
     if device_type != "cuda" and out.amp == "fp16":
         raise ConfigError("amp fp16 needs CUDA; on a CPU use bf16 or none")
-    return out
+    values = {f.name: getattr(out, f.name) for f in dataclasses.fields(TrainConfig)}
+    unset = [k for k, v in values.items() if v is None and k not in ("deep_supervision", "time_budget", "n_folds")]
+    if unset:  # a recipe that lacks a setting: a bug of the recipe table, not of the user's flags
+        raise ConfigError(f"the {recipe_name(device_type)} recipe leaves {unset} unset")
+    return RunConfig(**values)

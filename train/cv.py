@@ -23,7 +23,7 @@ from pipeline.errors import PipelineError
 from train import distributed
 from train import predictor as L
 from train.cli import build_parser as train_parser
-from train.config import ALL, TrainConfig
+from train.config import ALL, DEFAULT_FOLDS, TrainConfig
 from train.postprocess import out_of_fold, write_postprocessing
 from train.run import RunDir
 
@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.get("fold") not in (None, 0, "0"):
         print("error: train.cv trains every fold; it takes no --fold", file=sys.stderr)
         return 2
-    n_folds = int(args.pop("n_folds") or 5)
+    n_folds = int(args.pop("n_folds") or DEFAULT_FOLDS)
     args.pop("fold")
     try:
         cfg = TrainConfig(**args)

@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 import numpy as np
 import torch
@@ -27,6 +27,39 @@ from pipeline.cache.location import Location
 from pipeline.errors import ConfigError
 from pipeline.sampling import choose_patch_start
 from train.augment import LEVELS, AugmentConfig, region_for, spatial_draw
+
+
+class Region(TypedDict):
+    """The enlarged region a spatial sample is cut from on the device, and the transform drawn for it."""
+
+    image: torch.Tensor  # (4, *region) of the cache's image dtype
+    label: torch.Tensor  # (*region) uint8
+    draw: dict[str, Any]  # :func:`train.augment.spatial_draw`
+
+
+class Sample(TypedDict):
+    """What the dataset gives of one sample: where it was cut, and its region when it is a spatial sample
+    (then ``image`` and ``label`` are left for the device to fill)."""
+
+    case_id: str
+    start: torch.Tensor  # (3,) corner in the cropped grid
+    fg_class: int  # the class the patch was centred on, 0 for a uniform draw
+    index: int  # the sample number
+    image: NotRequired[torch.Tensor]
+    label: NotRequired[torch.Tensor]
+    region: NotRequired[Region]
+
+
+class Batch(TypedDict):
+    """A training batch as the loaders give it (:func:`make_batches`)."""
+
+    image: torch.Tensor  # (B, 4, *patch), the cache's image dtype; slots of spatial samples unfilled
+    label: torch.Tensor  # (B, *patch) uint8
+    case_id: list[str]
+    start: torch.Tensor  # (B, 3)
+    fg_class: torch.Tensor  # (B,)
+    index: torch.Tensor  # (B,) sample numbers
+    spatial: list[tuple[int, torch.Tensor, torch.Tensor, dict[str, Any]]]  # (slot, region image, label, draw)
 
 
 @dataclass(frozen=True)
@@ -40,7 +73,7 @@ class PatchSpec:
     augment: AugmentConfig = LEVELS["none"]
 
 
-class PatchDataset(Dataset[dict[str, Any]]):
+class PatchDataset(Dataset[Sample]):
     """Map-style dataset: index ``k`` -> the ``k``-th random patch of the run.
 
     Stores paths only; every process or thread opens cases lazily on first use
@@ -87,7 +120,7 @@ class PatchDataset(Dataset[dict[str, Any]]):
         return case, start, cls
 
     def read_region(self, case: CachedCase, start: tuple[int, int, int], draw: dict[str, Any],
-                    pin_memory: bool = False) -> dict[str, Any]:
+                    pin_memory: bool = False) -> Region:
         """The region, centred on the patch, that a drawn spatial transform samples from (only the chunks it
         touches are read; outside the volume is 0), decoded into page-locked memory when ``pin_memory`` (it
         goes to the GPU whole: about 50 MB of float16 for a 128³ patch rotated by 30° on every axis)."""
@@ -97,10 +130,10 @@ class PatchDataset(Dataset[dict[str, Any]]):
         image = torch.empty((4, *size), dtype=dtype, pin_memory=pin_memory)
         label = torch.empty(size, dtype=torch.uint8, pin_memory=pin_memory)
         case.read_patch(corner, size, out=(image.numpy(), label.numpy()))  # type: ignore[arg-type]
-        return {"image": image, "label": label, "draw": draw}
+        return Region(image=image, label=label, draw=draw)
 
     def load_into(self, index: int, image: np.ndarray, label: np.ndarray, pin_memory: bool = False
-                  ) -> dict[str, Any]:
+                  ) -> Sample:
         """Read sample ``index`` into preallocated arrays, or its enlarged region when it is drawn for a
         spatial transform (``region`` in the result; the arrays are then left for the device to fill).
 
@@ -110,19 +143,21 @@ class PatchDataset(Dataset[dict[str, Any]]):
             pin_memory: read a region into page-locked memory (the thread loader of a CUDA run).
         """
         case, start, cls = self.locate(index)
-        meta = {"case_id": case.case_id, "start": torch.tensor(start), "fg_class": cls, "index": int(index)}
+        meta = Sample(case_id=case.case_id, start=torch.tensor(start), fg_class=cls, index=int(index))
         draw = spatial_draw(self.spec.augment, self.spec.seed, index)
         if draw is not None:
-            return {**meta, "region": self.read_region(case, start, draw, pin_memory)}
+            meta["region"] = self.read_region(case, start, draw, pin_memory)
+            return meta
         case.read_patch(start, self.spec.patch_size, out=(image, label))
         return meta
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int) -> Sample:
         size = self.spec.patch_size
         image = np.zeros((4, *size), self.image_dtype)
         label = np.zeros(size, np.uint8)
-        return {"image": torch.from_numpy(image), "label": torch.from_numpy(label),
-                **self.load_into(index, image, label)}
+        sample = self.load_into(index, image, label)
+        sample["image"], sample["label"] = torch.from_numpy(image), torch.from_numpy(label)
+        return sample
 
 
 def sample_number(first_sample: int, step: int, slot: int, batch_size: int, rank: int = 0, world: int = 1) -> int:
@@ -134,48 +169,60 @@ def sample_number(first_sample: int, step: int, slot: int, batch_size: int, rank
     return first_sample + (step * world + rank) * batch_size + slot
 
 
-class RunSampler(Sampler[int]):
-    """Yields the sample numbers of ``steps`` steps of one rank (see :func:`sample_number`)."""
+@dataclass(frozen=True)
+class BatchPlan:
+    """Which batches a loader yields and how: ``steps`` batches of ``batch_size`` samples of this ``rank`` (of
+    ``world``), the global batches starting at sample ``first_sample`` (:func:`sample_number`), read by
+    ``loader`` ("threads" or "processes") with ``workers``, into pinned memory when ``pin_memory``."""
 
-    def __init__(self, first_sample: int, steps: int, batch_size: int, rank: int = 0, world: int = 1) -> None:
-        self.args = (first_sample, batch_size, rank, world)
-        self.steps, self.batch_size = steps, batch_size
+    loader: str
+    first_sample: int
+    steps: int
+    batch_size: int
+    workers: int = 0
+    pin_memory: bool = False
+    rank: int = 0
+    world: int = 1
+
+    def sample(self, step: int, slot: int) -> int:
+        """The sample number of ``slot`` of the ``step``-th batch of this plan."""
+        return sample_number(self.first_sample, step, slot, self.batch_size, self.rank, self.world)
+
+
+class RunSampler(Sampler[int]):
+    """Yields the sample numbers of a :class:`BatchPlan`, batch after batch."""
+
+    def __init__(self, plan: BatchPlan) -> None:
+        self.plan = plan
 
     def __iter__(self) -> Iterator[int]:
-        first, b, rank, world = self.args
-        return iter(sample_number(first, s, j, b, rank, world) for s in range(self.steps) for j in range(b))
+        p = self.plan
+        return iter(p.sample(s, j) for s in range(p.steps) for j in range(p.batch_size))
 
     def __len__(self) -> int:
-        return self.steps * self.batch_size
+        return self.plan.steps * self.plan.batch_size
 
 
-def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+def collate(items: list[Sample]) -> Batch:
     """Stack a list of dataset items into a batch; enlarged regions go to ``spatial``."""
-    return {
-        "image": torch.stack([i["image"] for i in items]),
-        "label": torch.stack([i["label"] for i in items]),
-        **_metadata(items),
-    }
+    return _batch(torch.stack([i["image"] for i in items]), torch.stack([i["label"] for i in items]), items)
 
 
-def _metadata(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Batch metadata, and ``spatial``: (slot, region image, region label, draw) of the spatial samples."""
-    return {
-        "case_id": [i["case_id"] for i in items],
-        "start": torch.stack([i["start"] for i in items]),
-        "fg_class": torch.tensor([i["fg_class"] for i in items]),
-        "index": torch.tensor([i["index"] for i in items]),
-        "spatial": [(j, i["region"]["image"], i["region"]["label"], i["region"]["draw"])
-                    for j, i in enumerate(items) if "region" in i],
-    }
+def _batch(image: torch.Tensor, label: torch.Tensor, items: list[Sample]) -> Batch:
+    """The batch of ``items`` around its image and label tensors; ``spatial``: (slot, region image, region
+    label, draw) of the spatial samples."""
+    return Batch(
+        image=image, label=label,
+        case_id=[i["case_id"] for i in items],
+        start=torch.stack([i["start"] for i in items]),
+        fg_class=torch.tensor([i["fg_class"] for i in items]),
+        index=torch.tensor([i["index"] for i in items]),
+        spatial=[(j, r["image"], r["label"], r["draw"]) for j, i in enumerate(items) if (r := i.get("region"))],
+    )
 
 
-def thread_batches(
-    dataset: PatchDataset, first_sample: int, steps: int, batch_size: int, workers: int, pin_memory: bool = False,
-    rank: int = 0, world: int = 1,
-) -> Iterator[dict[str, Any]]:
-    """Batches of ``steps`` steps from sample ``first_sample`` on (this rank's share, :func:`sample_number`),
-    from a thread pool.
+def thread_batches(dataset: PatchDataset, plan: BatchPlan) -> Iterator[Batch]:
+    """The batches of ``plan`` from a thread pool.
 
     Chunk reads and Blosc decoding release the GIL, so threads decode in
     parallel without copying patches between processes (the costly part on a
@@ -183,26 +230,24 @@ def thread_batches(
     into its slot of the batch tensor (pinned when asked). Up to two batches
     are read ahead.
     """
-    pool = ThreadPoolExecutor(max_workers=max(workers, 1), thread_name_prefix="patch")
+    pool = ThreadPoolExecutor(max_workers=max(plan.workers, 1), thread_name_prefix="patch")
     try:
-        def submit(step: int) -> tuple[dict[str, Any], list[Future[dict[str, Any]]]]:
-            return _submit(pool, dataset, [sample_number(first_sample, step, j, batch_size, rank, world)
-                                           for j in range(batch_size)], pin_memory)
+        def submit(step: int) -> tuple[torch.Tensor, torch.Tensor, list[Future[Sample]]]:
+            return _submit(pool, dataset, [plan.sample(step, j) for j in range(plan.batch_size)], plan.pin_memory)
 
-        ahead = [submit(s) for s in range(min(2, steps))]
-        for step in range(steps):
-            batch, futures = ahead.pop(0)
-            if step + 2 < steps:
+        ahead = [submit(s) for s in range(min(2, plan.steps))]
+        for step in range(plan.steps):
+            image, label, futures = ahead.pop(0)
+            if step + 2 < plan.steps:
                 ahead.append(submit(step + 2))
-            batch.update(_metadata([f.result() for f in futures]))
-            yield batch
+            yield _batch(image, label, [f.result() for f in futures])
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _submit(pool: ThreadPoolExecutor, dataset: PatchDataset, samples: list[int],
-            pin_memory: bool) -> tuple[dict[str, Any], list[Future[dict[str, Any]]]]:
-    """Allocate one batch and queue the reads of its samples."""
+            pin_memory: bool) -> tuple[torch.Tensor, torch.Tensor, list[Future[Sample]]]:
+    """Allocate one batch's image and label tensors and queue the reads of its samples into them."""
     batch_size = len(samples)
     size = dataset.spec.patch_size
     dtype = torch.float16 if dataset.image_dtype == np.float16 else torch.float32
@@ -212,33 +257,27 @@ def _submit(pool: ThreadPoolExecutor, dataset: PatchDataset, samples: list[int],
         pool.submit(dataset.load_into, k, image[j].numpy(), label[j].numpy(), pin_memory)
         for j, k in enumerate(samples)
     ]
-    return {"image": image, "label": label}, futures
+    return image, label, futures
 
 
-def process_batches(
-    dataset: PatchDataset, first_sample: int, steps: int, batch_size: int, workers: int, pin_memory: bool = False,
-    rank: int = 0, world: int = 1,
-) -> Iterator[dict[str, Any]]:
+def process_batches(dataset: PatchDataset, plan: BatchPlan) -> Iterator[Batch]:
     """The same batches from a torch DataLoader with worker processes."""
     loader = DataLoader(
         dataset,
-        batch_size=batch_size,
-        sampler=RunSampler(first_sample, steps, batch_size, rank, world),
-        num_workers=workers,
+        batch_size=plan.batch_size,
+        sampler=RunSampler(plan),
+        num_workers=plan.workers,
         collate_fn=collate,
-        pin_memory=pin_memory,
+        pin_memory=plan.pin_memory,
         persistent_workers=False,
-        prefetch_factor=2 if workers else None,
+        prefetch_factor=2 if plan.workers else None,
     )
     yield from loader
 
 
-def make_batches(kind: str, dataset: PatchDataset, first_sample: int, steps: int, batch_size: int,
-                 workers: int, pin_memory: bool = False, rank: int = 0, world: int = 1) -> Iterator[dict[str, Any]]:
-    """Dispatch to :func:`thread_batches` or :func:`process_batches`: ``steps`` batches of ``batch_size``,
-    this rank's share of the global batches that start at sample ``first_sample``."""
-    fn = thread_batches if kind == "threads" else process_batches
-    return fn(dataset, first_sample, steps, batch_size, workers, pin_memory, rank, world)
+def make_batches(dataset: PatchDataset, plan: BatchPlan) -> Iterator[Batch]:
+    """The batches of ``plan``, from :func:`thread_batches` or :func:`process_batches` as it says."""
+    return (thread_batches if plan.loader == "threads" else process_batches)(dataset, plan)
 
 
 def split_cases(case_ids: Sequence[str], n_folds: int, fold: int) -> tuple[list[str], list[str]]:

@@ -22,8 +22,6 @@ from the worst to the best with a three-plane montage (:mod:`train.report`).
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import sys
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -34,19 +32,17 @@ import numpy as np
 
 from pipeline import lesions, nifti
 from pipeline import transforms as T
-from pipeline.atomic import atomic_path, remove_leftovers
 from pipeline.brats import MODALITIES, REGIONS
 from pipeline.cache import open_cache, open_case
-from pipeline.cache.location import Location, redact, redact_tree
+from pipeline.cache.location import Location, redact
 from pipeline.caseloop import CASE_ERRORS, Job, describe_failure, run_cases
 from pipeline.device import resolve_device
 from pipeline.errors import CaseError, CheckpointError, PipelineError
-from pipeline.metrics import HD95_METHODS, evaluate_case, summarise
-from pipeline.provenance import run_record
+from pipeline.metrics import HD95_METHODS, evaluate_case
 from train import predict as P
 from train import predictor as L
 from train.checkpoint import RunState, load_state
-from train.report import ROWS, CaseView, boxplot_figure, centre_caption, montage, write_report
+from train.report import ROWS, TABLE_METRICS, CaseView, centre_caption, format_table, montage, write_reports
 from train.run import TENSORBOARD, RunDir
 
 #: (predicted classes, reference classes, spacing in mm), both (X, Y, Z) uint8.
@@ -56,8 +52,6 @@ Loader = Job[Pair]
 Images = Callable[[], dict[str, np.ndarray]]
 #: The modalities a montage needs.
 MONTAGE_MODALITIES = tuple(dict.fromkeys(m for m, _ in ROWS))
-TABLE_METRICS = ("Dice", "HD95", "Sensitivity", "Specificity")
-LESION_METRICS = ("LesionDice", "LesionHD95")
 
 
 def to_classes(case_id: str, path: Path, data: np.ndarray, label_map: dict[int, int]) -> np.ndarray:
@@ -201,58 +195,6 @@ def evaluate_loaders(loaders: list[Loader], progress: bool = True, lesion_wise: 
     done, failed = run_cases(jobs, "evaluate", progress)
     views = {cid: view for cid, (_, view) in done if view is not None}
     return [row for _, (row, _) in done], failed, views
-
-
-def _write_csv(path: Path, rows: list[dict[str, Any]], failed: dict[str, str]) -> None:
-    """One row per case, sorted by id: metrics, or an ``error`` and empty metrics."""
-    keys = list(dict.fromkeys(k for row in rows for k in row if k != "case_id"))
-    table = [*rows, *({"case_id": cid, "error": msg} for cid, msg in failed.items())]
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["case_id", *keys, "error"], restval="")
-        writer.writeheader()
-        writer.writerows(sorted(table, key=lambda r: str(r["case_id"])))
-
-
-def _write_boxplot(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Two panels: Dice per region and HD95 (mm) per region, one box per region."""
-    with atomic_path(path, ".png") as tmp:
-        boxplot_figure(rows).savefig(tmp, dpi=120)
-
-
-def format_table(summary: dict[str, Any]) -> str:
-    """Mean ± std per region of Dice, HD95, sensitivity and specificity."""
-    stats = summary["metrics"]
-    shown = TABLE_METRICS + tuple(m for m in LESION_METRICS if f"{m}_WT" in stats)
-    lines = [f"{'region':<8}" + "".join(f"{m:^21}" for m in shown)]
-    for reg in REGIONS:
-        cells = []
-        for m in shown:
-            s = stats.get(f"{m}_{reg}")
-            cells.append(f"{s['mean']:>11.4f} ± {s['std']:<7.3f}" if s else f"{'-':^21}")
-        lines.append(f"{reg:<8}" + "".join(cells))
-    lines.append(f"cases evaluated {summary['n_cases']}, failed {summary['n_failed']}")
-    return "\n".join(lines)
-
-
-def write_reports(out_dir: Path, rows: list[dict[str, Any]], failed: dict[str, str],
-                  extra: dict[str, Any], views: dict[str, CaseView] | None = None) -> dict[str, Any]:
-    """Write ``metrics.csv``, ``summary.json`` and ``boxplot.png`` (and with ``views``, ``report.html``);
-    return the summary."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(out_dir)
-    metrics = summarise([{k: v for k, v in r.items() if k != "case_id"} for r in rows])
-    summary = {
-        "n_cases": len(rows), "n_failed": len(failed), "failed": dict(sorted(failed.items())),
-        "metrics": metrics, **extra, "record": run_record(),
-    }
-    _write_csv(out_dir / "metrics.csv", rows, failed)
-    summary = dict(redact_tree(summary))
-    with atomic_path(out_dir / "summary.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2))
-    _write_boxplot(out_dir / "boxplot.png", rows)
-    if views is not None:
-        write_report(out_dir / "report.html", summary, rows, views)
-    return summary
 
 
 def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, out_dir: str | Path | None = None,

@@ -254,10 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "an fsspec URL such as s3://bucket/prefix)")
     p.add_argument("--cases", nargs="+", metavar="ID", help="only these case ids (default: all)")
     p.add_argument("--output", required=True, metavar="OUT", help="output folder (created)")
-    p.add_argument("--save-probabilities", action="store_true",
-                   help="also write <case_id>_probabilities.nii.gz, (X, Y, Z, K) float32")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_inference_args(p)
+    add_inference_args(p, files=True)
     return p
 
 

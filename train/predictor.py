@@ -21,17 +21,17 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any
 
 import numpy as np
 import torch
 
 from pipeline import transforms as T
-from pipeline.brats import CHANNEL_NAMES, LOSS_OUTPUT
+from pipeline.brats import CHANNEL_NAMES, LOSS_OUTPUT, Activation
 from pipeline.cache import open_case
 from pipeline.cache.location import Location
-from pipeline.config import Config
-from pipeline.device import autocast_dtype, cpu_bf16
+from pipeline.config import Config, add_settings, setting, settings_from_args
+from pipeline.device import autocast_dtype, cpu_bf16, valid_device_name
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.inference import sliding_window_predict
 from pipeline.nifti import CaseFiles, read_case
@@ -40,8 +40,8 @@ from train.checkpoint import RunState, model_from_checkpoint
 from train.run import RunDir
 
 #: Output activation per training loss mode.
-Output = Literal["sigmoid", "softmax"]
-OUTPUT_OF_MODE = cast(dict[str, Output], LOSS_OUTPUT)
+Output = Activation
+OUTPUT_OF_MODE = LOSS_OUTPUT
 CHANNELS = CHANNEL_NAMES
 
 @dataclass(frozen=True)
@@ -63,19 +63,23 @@ class PredictConfig(Config):
         save_probabilities: also write ``<case_id>_probabilities.nii.gz``.
     """
 
-    overlap: float = 0.5
-    batch_size: int = 2
-    mirror: bool = True
-    device: str = "auto"
-    postprocess: bool = True
-    et_threshold: int | None = None
-    save_probabilities: bool = False
+    overlap: float = setting(0.5, "window overlap in [0, 1) (default: %(default)s)")
+    batch_size: int = setting(2, "windows per forward pass (default: %(default)s)")
+    mirror: bool = setting(True, "test-time mirroring over X, Y, Z (8x the compute; --no-mirror for speed)")
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N; bf16 autocast on CUDA (default: %(default)s)")
+    postprocess: bool = setting(
+        True, "the run's post-processing (RUN/postprocessing.json: tumour components, ET threshold); "
+        "--no-postprocessing writes the network's raw prediction", flag="--postprocessing")
+    et_threshold: int | None = setting(
+        None, "override the run's ET threshold: relabel predicted ET as necrosis when fewer than N voxels "
+        "(0: off; default: the run's)", metavar="N")
+    save_probabilities: bool = setting(False, "also write <case_id>_probabilities.nii.gz, (X, Y, Z, K) float32")
 
     def __post_init__(self) -> None:
         checks = [
             (0.0 <= self.overlap < 1.0, "overlap", self.overlap),
             (self.batch_size >= 1, "batch_size", self.batch_size),
-            (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device", self.device),
+            (valid_device_name(self.device), "device", self.device),
             (self.et_threshold is None or self.et_threshold >= 0, "et_threshold", self.et_threshold),
         ]
         for ok, name, value in checks:
@@ -271,26 +275,12 @@ def predict_probabilities(predictor: Predictor, image: np.ndarray, cfg: PredictC
     )
 
 
-def add_inference_args(p: argparse.ArgumentParser) -> None:
-    """Flags of :class:`PredictConfig` (shared with ``python -m train.evaluate --run``)."""
-    d = PredictConfig()
-    g = p.add_argument_group("inference")
-    g.add_argument("--overlap", type=float, default=d.overlap, help="window overlap in [0, 1) (default: %(default)s)")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per forward pass (default: %(default)s)")
-    g.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=d.mirror,
-                   help="test-time mirroring over X, Y, Z (8x the compute; --no-mirror for speed)")
-    g.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N; bf16 autocast on CUDA (default: %(default)s)")
-    g.add_argument("--no-postprocessing", dest="postprocess", action="store_false",
-                   help="write the network's raw prediction, without the run's post-processing "
-                   "(RUN/postprocessing.json: tumour components, ET threshold)")
-    g.add_argument("--et-threshold", type=int, default=d.et_threshold, metavar="N",
-                   help="override the run's ET threshold: relabel predicted ET as necrosis when fewer than N "
-                   "voxels (0: off; default: the run's)")
+def add_inference_args(p: argparse.ArgumentParser, files: bool = False) -> None:
+    """The flags of :class:`PredictConfig` (shared with ``train.evaluate --run`` and ``train.postprocess``);
+    ``files``: also those of the files a prediction writes (``--save-probabilities``)."""
+    add_settings(p.add_argument_group("inference"), PredictConfig, skip=() if files else ("save_probabilities",))
 
 
 def config_from_args(args: argparse.Namespace) -> PredictConfig:
-    """Build the PredictConfig from parsed flags."""
-    return PredictConfig(
-        overlap=args.overlap, batch_size=args.batch_size, mirror=args.mirror, device=args.device,
-        postprocess=args.postprocess, et_threshold=args.et_threshold, save_probabilities=getattr(args, "save_probabilities", False),
-    )
+    """The PredictConfig of parsed :func:`add_inference_args` flags."""
+    return settings_from_args(PredictConfig, args)

@@ -1,4 +1,5 @@
-"""The results report of ``python -m train.evaluate --report``: one self-contained HTML page.
+"""What an evaluation writes: ``metrics.csv``, ``summary.json``, ``boxplot.png`` and the printed table
+(:func:`write_reports`), and with ``--report`` the results page, one self-contained HTML file.
 
 The page opens offline, from the file alone: its pictures are PNG and SVG
 inside it, its style is inline, it loads nothing. It holds
@@ -21,8 +22,10 @@ inside it, its style is inline, it loads nothing. It holds
 from __future__ import annotations
 
 import base64
+import csv
 import html
 import io
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,8 +38,11 @@ from matplotlib.figure import Figure
 from matplotlib.image import imsave
 from scipy import ndimage
 
-from pipeline.atomic import atomic_path
+from pipeline.atomic import atomic_path, remove_leftovers
 from pipeline.brats import REGIONS, region_masks
+from pipeline.cache.location import redact_tree
+from pipeline.metrics import summarise
+from pipeline.provenance import run_record
 
 #: The montage's rows: (modality, region shown on it).
 ROWS: tuple[tuple[str, str], ...] = (("flair", "WT"), ("t1ce", "TC"), ("t1ce", "ET"))
@@ -235,6 +241,63 @@ def _legend() -> str:
     spans = "".join(f"<span style='background:rgb{c}'></span>{t}" for c, t in items)
     rows = "; ".join(f"{m.upper() if m == 'flair' else 'T1ce'} with {r}" for m, r in ROWS)
     return f"<p class=legend>Montage rows: {rows}. Columns: axial, coronal, sagittal.{spans}</p>"
+
+
+#: The metrics of the printed table, and the lesion-wise ones shown when present.
+TABLE_METRICS = ("Dice", "HD95", "Sensitivity", "Specificity")
+LESION_METRICS = ("LesionDice", "LesionHD95")
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]], failed: dict[str, str]) -> None:
+    """One row per case, sorted by id: metrics, or an ``error`` and empty metrics."""
+    keys = list(dict.fromkeys(k for row in rows for k in row if k != "case_id"))
+    table = [*rows, *({"case_id": cid, "error": msg} for cid, msg in failed.items())]
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["case_id", *keys, "error"], restval="")
+        writer.writeheader()
+        writer.writerows(sorted(table, key=lambda r: str(r["case_id"])))
+
+
+def write_boxplot(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Two panels: Dice per region and HD95 (mm) per region, one box per region."""
+    with atomic_path(path, ".png") as tmp:
+        boxplot_figure(rows).savefig(tmp, dpi=120)
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """Mean ± std per region of Dice, HD95, sensitivity and specificity."""
+    stats = summary["metrics"]
+    shown = TABLE_METRICS + tuple(m for m in LESION_METRICS if f"{m}_WT" in stats)
+    lines = [f"{'region':<8}" + "".join(f"{m:^21}" for m in shown)]
+    for reg in REGIONS:
+        cells = []
+        for m in shown:
+            s = stats.get(f"{m}_{reg}")
+            cells.append(f"{s['mean']:>11.4f} ± {s['std']:<7.3f}" if s else f"{'-':^21}")
+        lines.append(f"{reg:<8}" + "".join(cells))
+    lines.append(f"cases evaluated {summary['n_cases']}, failed {summary['n_failed']}")
+    return "\n".join(lines)
+
+
+def write_reports(out_dir: Path, rows: list[dict[str, Any]], failed: dict[str, str],
+                  extra: dict[str, Any], views: dict[str, CaseView] | None = None) -> dict[str, Any]:
+    """Write ``metrics.csv``, ``summary.json`` and ``boxplot.png`` (and with ``views``, ``report.html``);
+    return the summary."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(out_dir)
+    metrics = summarise([{k: v for k, v in r.items() if k != "case_id"} for r in rows])
+    summary = {
+        "n_cases": len(rows), "n_failed": len(failed), "failed": dict(sorted(failed.items())),
+        "metrics": metrics, **extra, "record": run_record(),
+    }
+    write_csv(out_dir / "metrics.csv", rows, failed)
+    summary = dict(redact_tree(summary))
+    with atomic_path(out_dir / "summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+    write_boxplot(out_dir / "boxplot.png", rows)
+    if views is not None:
+        write_report(out_dir / "report.html", summary, rows, views)
+    return summary
 
 
 def write_report(path: Path, summary: dict[str, Any], rows: Sequence[dict[str, Any]],

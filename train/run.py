@@ -18,13 +18,24 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from pipeline.atomic import atomic_path, remove_leftovers
 from pipeline.cache.location import redact_tree
 from pipeline.errors import CheckpointError, ConfigError, RunDirError
 from pipeline.lock import FolderLock
 from pipeline.postprocess import PostProcessing
+
+
+class Split(TypedDict):
+    """A run's data split (``split.json``, and the checkpoint's ``split``): the training and validation case
+    ids, the fold (a number, or ``"all"``) and the number of folds (None for ``"all"``)."""
+
+    train: list[str]
+    val: list[str]
+    fold: int | str
+    n_folds: int | None
+
 
 LAST = "last.pt"
 BEST = "best.pt"
@@ -143,7 +154,7 @@ class RunDir:
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{path}: unreadable ({exc})") from exc
 
-    def split(self, checkpoint_split: dict[str, Any] | None = None) -> dict[str, Any]:
+    def split(self, checkpoint_split: Split | dict[str, Any] | None = None) -> Split:
         """The run's split: the checkpoint's (``RunState.split``) when it has one, else ``split.json``.
 
         Raises:
@@ -156,7 +167,8 @@ class RunDir:
                 or not isinstance(split.get("val"), list):
             raise CheckpointError(f"{self.path}: no split (neither the checkpoint nor {SPLIT} names train and "
                                   "val cases)")
-        return split
+        return Split(train=[str(c) for c in split["train"]], val=[str(c) for c in split["val"]],
+                     fold=split.get("fold", 0), n_folds=split.get("n_folds"))
 
     def postprocessing(self) -> tuple[PostProcessing | None, str | None]:
         """``postprocessing.json`` (None when absent) and a note when it is of an older version.

@@ -25,7 +25,7 @@ from zarr.codecs import BloscCodec
 from pipeline.brats import check_case_id
 from pipeline.cache.chunks import ArrayMeta, chunk_files, fetch, read_box
 from pipeline.cache.location import Location, as_location, fs_path
-from pipeline.config import Config
+from pipeline.config import Config, setting
 from pipeline.errors import CacheFormatError, ConfigError
 
 #: Bumped whenever the layout, the attrs or the meaning of an array changes.
@@ -36,7 +36,8 @@ WRITER_LOCK = ".writer.lock"
 SUFFIX = ".zarr"
 #: Blosc compressors, and "none": raw chunk files that the reader memory-maps (the speed setting).
 CODECS = ("zstd", "lz4", "lz4hc", "blosclz", "zlib", "none")
-_SHUFFLES = ("noshuffle", "shuffle", "bitshuffle")
+SHUFFLES = ("noshuffle", "shuffle", "bitshuffle")
+DTYPES = ("float16", "float32")
 
 
 @dataclass(frozen=True)
@@ -60,25 +61,29 @@ class PreprocessConfig(Config):
         index_seed: seed of that sample (combined with the case id).
     """
 
-    dtype: str = "float16"
-    chunk: tuple[int, int, int] = (64, 64, 64)
-    codec: str = "zstd"
-    clevel: int = 5
-    shuffle: str = "shuffle"
-    blocksize: int = 2**20
-    max_indices_per_class: int | None = 10_000
-    index_seed: int = 0
+    dtype: str = setting("float16", "image dtype on disk", choices=DTYPES)
+    chunk: tuple[int, int, int] = setting((64, 64, 64), "spatial chunk shape (a chunk holds all four channels)")
+    codec: str = setting(
+        "zstd", "Blosc compressor (lz4hc with --clevel 9 reads faster and is larger: docs/benchmarks.md), or none: "
+        "uncompressed chunks copied out of memory-mapped files, the speed setting (see docs/cache-format.md)",
+        choices=CODECS)
+    clevel: int = setting(5, "compression level 0..9")
+    shuffle: str = setting("shuffle", "Blosc byte filter", choices=SHUFFLES)
+    blocksize: int = setting(2**20, "Blosc block size in bytes (0: auto)")
+    max_indices_per_class: int | None = setting(10_000, "tumour coordinates kept per class (0: all)",
+                                                flag="--max-indices", metavar="N", zero_is_none=True)
+    index_seed: int = setting(0, "seed of the tumour-coordinate sample")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "chunk", tuple(int(c) for c in self.chunk))
-        if self.dtype not in ("float16", "float32"):
-            raise ConfigError(f"dtype must be float16 or float32, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if len(self.chunk) != 3 or min(self.chunk) < 8:
             raise ConfigError(f"chunk must be three sizes >= 8, got {self.chunk}")
         if self.codec not in CODECS:
             raise ConfigError(f"codec must be one of {CODECS}, got {self.codec!r}")
-        if self.shuffle not in _SHUFFLES:
-            raise ConfigError(f"shuffle must be one of {_SHUFFLES}, got {self.shuffle!r}")
+        if self.shuffle not in SHUFFLES:
+            raise ConfigError(f"shuffle must be one of {SHUFFLES}, got {self.shuffle!r}")
         if self.blocksize < 0:
             raise ConfigError(f"blocksize must be >= 0, got {self.blocksize}")
         if not 0 <= self.clevel <= 9:

@@ -26,7 +26,7 @@ from pipeline.device import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.nifti import save_volume
 from train.augment import LEVELS, augment_batch, augment_level, sample_generators
-from train.dataset import PatchDataset, PatchSpec, make_batches
+from train.dataset import BatchPlan, PatchDataset, PatchSpec, make_batches
 from train.visual import COLOURS
 
 
@@ -40,7 +40,7 @@ def augmented_patches(cache_dir: str | Path, n: int, level: str, patch: tuple[in
     spec = PatchSpec(patch, 0.5, seed, cfg)
     dataset = PatchDataset(cache.path, ids, spec, n)
     out = []
-    for k, batch in enumerate(make_batches("threads", dataset, 0, n, 1, 1)):
+    for k, batch in enumerate(make_batches(dataset, BatchPlan("threads", 0, n, 1, 1))):
         image, label = augment_batch(batch, cfg, sample_generators(seed, batch["index"].tolist()), device)
         raw = plain[k]
         out.append((raw["image"].float().numpy(), raw["label"].numpy(), image[0].cpu().numpy(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ def mirror_draw(gen: torch.Generator) -> tuple[int, ...]:
     return tuple(a for a in range(3) if _hit(0.5, gen))
 
 
-def augment_batch(batch: dict[str, Any], cfg: AugmentConfig, gens: list[torch.Generator], device: torch.device
+def augment_batch(batch: Mapping[str, Any], cfg: AugmentConfig, gens: list[torch.Generator], device: torch.device
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """The device-side pipeline, sample by sample: mirroring (folded into the spatial transform where one was
     drawn, else a flip of the loader's float16 patch), the spatial samples cut from their regions, then the
@@ -28,7 +29,7 @@ def augment_batch(batch: dict[str, Any], cfg: AugmentConfig, gens: list[torch.Ge
     the float32 one.
 
     Args:
-        batch: from the loader: ``image`` (B, C, *patch) and ``label`` (B, *patch) (slots of spatial samples
+        batch: from the loader (:class:`train.dataset.Batch`): ``image`` (B, C, *patch) and ``label`` (B, *patch) (slots of spatial samples
             are left unfilled), ``spatial``: list of (slot, region image, region label, draw).
         cfg: the level.
         gens: one generator per sample of the batch (:func:`sample_generators` of the samples' numbers).
