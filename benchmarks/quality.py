@@ -338,6 +338,26 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return results
 
 
+def compare(workdir: Path, name: str, n_folds: int) -> None:
+    """The recipe against ``name`` on the folds ``name`` ran: per-case and mean Dice of the mirrored class maps."""
+    cache = run_preprocess(real_cases(workdir), workdir / "cache", PreprocessConfig(), jobs=1,
+                           progress=False).cache_dir
+    rows = []
+    for run in sorted((workdir / "runs").glob(f"{name}-k{n_folds}-fold*")):
+        fold = run.name.rsplit("fold", 1)[1]
+        with np.load(run / "predictions-mirror.npz") as ours, \
+                np.load(workdir / "runs" / f"recipe-k{n_folds}-fold{fold}" / "predictions-mirror.npz") as base:
+            for cid in sorted(ours.files):
+                a, b = (score({cid: z[cid]}, cache)[0] for z in (base, ours))
+                rows.append([cid, fold, *(" / ".join(f"{r[f'Dice_{g}']:.3f}" for g in REGIONS) for r in (a, b)),
+                             f"{case_mean(b) - case_mean(a):+.3f}"])
+                rows[-1].append((case_mean(a), case_mean(b)))
+    means = np.array([r.pop() for r in rows])
+    print(table(["case", "fold", "recipe Dice WT / TC / ET", f"{name}", "mean change"], rows))
+    print(f"{len(rows)} cases: recipe {means[:, 0].mean():.3f}, {name} {means[:, 1].mean():.3f}, "
+          f"{name} higher in {(means[:, 1] > means[:, 0]).sum()}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--work-dir", type=Path, default=Path("bench_work/quality"))
@@ -346,9 +366,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-folds", type=int, default=3, help="folds of the cross-validation (default 3)")
     p.add_argument("--folds", type=int, nargs="+", help="run only these folds (default: all)")
     p.add_argument("--no-mirror", dest="mirror", action="store_false", help="skip the mirrored predictions")
+    p.add_argument("--compare", metavar="CANDIDATE",
+                   help="only print, per held-out case of CANDIDATE's folds, the Dice WT / TC / ET of the recipe "
+                   "and of CANDIDATE from their saved mirrored class maps (before post-processing), and the means")
     p.add_argument("--report-only", action="store_true",
                    help="only redraw WORK/report-<candidate>.html from the saved results and predictions")
     args = p.parse_args(argv)
+    if args.compare:
+        compare(args.work_dir, args.compare, args.n_folds)
+        return 0
     if args.report_only:
         results = json.loads((args.work_dir / "quality.json").read_text())
         cache = run_preprocess(real_cases(args.work_dir), args.work_dir / "cache", PreprocessConfig(), jobs=1,
