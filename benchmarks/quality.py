@@ -66,6 +66,7 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "fg-0.7": dict(p_fg=0.7),  # more tumour-centred patches (ET is rare)
     "aug-nnunet": dict(augment="nnunet"),
     "fg-0.33": dict(p_fg=0.33),
+    "batch-dice": dict(batch_dice=True),  # one Dice per region over the batch: no penalty per tumour-free patch
 }
 
 
@@ -240,13 +241,15 @@ def case_table(info: dict[str, Any], tag: str = "mirror") -> list[list[object]]:
     """Markdown rows, one per case: fold, grade, Dice per region without and with the nested post-processing."""
     folds = {c: f for f, rec in info["folds"].items() for c in rec["val"]}
     plain = {r["case_id"]: r for r in info[tag]["cases"]}
-    post = {r["case_id"]: r for r in info[tag]["postprocessed_cases"]}
+    # a one-fold run has no other folds to choose post-processing on: its HD95 are those before it
+    post = {r["case_id"]: r for r in info[tag].get("postprocessed_cases", [])}
     rows: list[list[object]] = []
     for cid in sorted(plain, key=lambda c: (folds[c], c)):
+        after = post.get(cid)
         rows.append([cid, folds[cid], plain[cid]["grade"],
                      " / ".join(f"{plain[cid][f'Dice_{r}']:.3f}" for r in REGIONS),
-                     " / ".join(f"{post[cid][f'Dice_{r}']:.3f}" for r in REGIONS),
-                     " / ".join(f"{post[cid][f'HD95_{r}']:.1f}" for r in REGIONS)])
+                     " / ".join(f"{after[f'Dice_{r}']:.3f}" for r in REGIONS) if after else "(one fold: none)",
+                     " / ".join(f"{(after or plain[cid])[f'HD95_{r}']:.1f}" for r in REGIONS)])
     return rows
 
 
@@ -316,9 +319,10 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                                 "budget_min": budget, "n_folds": n_folds, "folds": folds_info}
         main_tag = "mirror" if mirror else "plain"  # what train.predict does by default
         for tag in sorted({"plain", main_tag}):
+            # with one fold there are no other folds to choose post-processing on: scored as predicted
             # post-processing is chosen (nested) for the default predictions; the others are scored as they are
             info[tag] = nested_scores({f: preds[f][tag] for f in folds}, summary.cache_dir,
-                                      choose_post=tag == main_tag)
+                                      choose_post=tag == main_tag and len(folds) > 1)
             for key in ("cases", "postprocessed_cases", "pooled_in_sample_cases"):
                 if key in info[tag]:
                     info[tag][f"summary_{key}"] = summarise(info[tag][key])
@@ -328,9 +332,11 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         tag = "mirror" if mirror else "plain"
         print(table(["case", "fold", "grade", f"Dice WT / TC / ET ({tag})", "+ post (nested)",
                      "HD95 WT / TC / ET + post (mm)"], case_table(info, tag)), flush=True)
+        write_case_report(workdir / f"report-{name}.html", name, info, summary.cache_dir, workdir)
+        if "pooled_choice" not in info[tag]:
+            continue  # one fold: no post-processing chosen
         print(table(["fold", "post-processing chosen on the other folds", "cases helped", "hurt",
                      "hurt (case mean Dice change)"], rule_table(info, tag)), flush=True)
-        write_case_report(workdir / f"report-{name}.html", name, info, summary.cache_dir, workdir)
         pooled = PostProcessing.from_dict(info[tag]["pooled_choice"])
         print(f"pooled choice (what the recipe's runs start with): {pooled.describe()}", flush=True)
         print(table(["rule (on the pooled out-of-fold cases)", "cases helped", "hurt", "destroys a region in",

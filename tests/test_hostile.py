@@ -34,6 +34,24 @@ def test_brats_ids_of_every_edition_are_names() -> None:
         assert check_case_id(cid) == cid
 
 
+def test_an_ensembles_run_folders_are_named_by_run_ids(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.errors import CheckpointError
+    from train.predictor import run_checkpoints
+
+    root = tmp_path / "cv"
+    for name in ("fold_0", "fold_1", "odd fold", "-x"):
+        (root / name).mkdir(parents=True)
+        (root / name / "last.pt").write_bytes(b"")  # only the file's presence is looked at here
+    assert run_checkpoints([root]) == [root / "fold_0", root / "fold_1"]
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and all("run id is not a name" in line for line in lines)
+    assert "'odd fold'" in lines[1] or "'odd fold'" in lines[0]
+    for name in ("fold_0", "fold_1"):
+        (root / name).rename(root / f"odd {name}")
+    with pytest.raises(CheckpointError, match="no run folder in it has a run id"):
+        run_checkpoints([root])
+
+
 def test_a_raw_folder_whose_name_is_no_id_fails_alone(raw_dir: Path, tmp_path: Path) -> None:
     first = sorted(p for p in raw_dir.iterdir() if p.is_dir())[0]
     odd = raw_dir / f"odd {first.name}"  # a space: refused as an id

@@ -147,3 +147,48 @@ def test_a_killed_predictions_temporaries_are_removed_by_the_next_run(raw_dir: P
     summary = run_predict(str(ckpt), out, PredictConfig(device="cpu", mirror=False), input_dir=raw_dir,
                           case_ids=["BraTS20_Training_001"], progress=False)
     assert summary.ok and not left.exists() and (out / "BraTS20_Training_001.nii.gz").is_file()
+
+
+def test_every_output_of_a_run_is_flushed_before_its_rename_and_its_folder_after(
+        tiny_cache, raw_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A power loss cannot be staged here; what it needs is: each published file's data fsynced under its
+    temporary name, then the rename, then its folder fsynced. The real calls run, in order, recorded."""
+    from train.config import TrainConfig
+    from train.evaluate import evaluate_folders
+    from train.predict import run_predict
+    from train.predictor import PredictConfig
+    from train.trainer import fit
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        events.append(("replace", f"{os.fspath(src)}\0{os.fspath(dst)}"))
+        real_replace(src, dst)
+
+    if not Path(f"/proc/self/fd/{sys.stdout.fileno()}").exists():
+        pytest.skip("no /proc/self/fd here to name a descriptor's file")
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    cache_dir, ids = tiny_cache
+    run = tmp_path / "run"
+    fit(TrainConfig(cache_dir=str(cache_dir), run_dir=str(run), preset="small", patch_size=(16, 16, 16), epochs=1,
+                    iters_per_epoch=2, workers=1, val_overlap=0.0, fold=0, n_folds=3, device="cpu"), progress=False)
+    pred = tmp_path / "pred"
+    assert run_predict(run, pred, PredictConfig(device="cpu", mirror=False, overlap=0.0), input_dir=raw_dir,
+                       case_ids=ids[:1], progress=False).ok
+    evaluate_folders(pred, raw_dir, tmp_path / "eval", progress=False)
+    published = [p for d in (run, pred, tmp_path / "eval") for p in d.iterdir() if p.is_file()]
+    assert {"last.pt", "best.pt", "config.json", "split.json", f"{ids[0]}.nii.gz", "predict_record.json",
+            "metrics.csv", "summary.json"} <= {p.name for p in published}
+    for path in published:
+        renames = [i for i, (kind, what) in enumerate(events) if kind == "replace" and what.endswith(f"\0{path}")]
+        assert renames, f"{path.name} was not published by a rename"
+        i = renames[-1]
+        src = events[i][1].split("\0")[0]
+        assert ("fsync", str(Path(src).resolve())) in events[:i], f"{path.name}: data not flushed before the rename"
+        assert ("fsync", str(path.parent.resolve())) in events[i + 1:], f"{path.name}: folder not flushed after it"

@@ -105,6 +105,10 @@ class TrainConfig(Config):
     loss_mode: str = setting(
         "regions",
         'regions (sigmoid WT/TC/ET, Dice+BCE, as nnU-Net for BraTS) or classes (softmax, Dice+CE)', choices=LOSS_MODES)
+    batch_dice: bool = setting(
+        False, "pool the Dice counts of the batch's patches (one Dice per region and batch, as nnU-Net's 3d_fullres "
+        "trains) instead of averaging a Dice per patch, where a patch without a region's voxels is penalised for "
+        "any voxel predicted there")
     deep_supervision: bool | None = setting(None, "true/false; default: the preset's")
     patch_size: tuple[int, int, int] | None = setting(None, f'patch size in voxels per axis; {RECIPE}')
     batch_size: int | None = setting(None, f'patches per step (per rank under torchrun); {RECIPE}')
@@ -216,6 +220,7 @@ class RunConfig(Config):
     run_dir: str
     preset: str
     loss_mode: str
+    batch_dice: bool
     deep_supervision: bool | None
     patch_size: tuple[int, int, int]
     batch_size: int

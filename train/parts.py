@@ -5,7 +5,7 @@ job (:func:`build`), and what of them a checkpoint holds (:func:`checkpoint`, :f
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, cast
 
 import torch
@@ -68,7 +68,7 @@ def build(given: TrainConfig) -> Parts:
     cache = open_cache(cfg.cache_dir)
     labelled = [c for c in cache.case_ids if open_case(cache.path, c).has_label]
     split = make_split(labelled, cfg)
-    loss_cfg = LossConfig(mode=cfg.loss_mode)
+    loss_cfg = LossConfig(mode=cfg.loss_mode, batch_dice=cfg.batch_dice)
     model_cfg = model_preset(cfg.preset, out_channels=num_outputs(cfg.loss_mode),
                              deep_supervision=cfg.deep_supervision)
     if cfg.sync_bn and model_cfg.norm != "batch":
@@ -169,7 +169,9 @@ def check_resume(parts: Parts, state: RunState) -> None:
         raise CheckpointError(f"{path} holds another model ({state.model_config.get('preset')!r}, "
                               f"this run asks for {parts.model_cfg.preset!r}); resume with the run's own settings")
     old, new = dict(state.train_config), parts.cfg.to_dict()
-    changed = sorted(k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k])
+    # a setting the checkpoint's version did not have ran at its default then
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    changed = sorted(k for k in new if k not in RESUMABLE_CHANGES and old.get(k, defaults.get(k)) != new[k])
     old_global = int(old.get("batch_size") or 1) * state.world_size
     new_global = parts.cfg.batch_size * parts.world.size
     if "batch_size" in changed and old_global == new_global:

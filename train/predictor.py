@@ -27,12 +27,12 @@ import numpy as np
 import torch
 
 from pipeline import transforms as T
-from pipeline.brats import CHANNEL_NAMES, LOSS_OUTPUT, Activation
+from pipeline.brats import CHANNEL_NAMES, LOSS_OUTPUT, Activation, check_case_id
 from pipeline.cache import open_case
 from pipeline.cache.location import Location
 from pipeline.config import Config, add_settings, setting, settings_from_args
 from pipeline.device import autocast_dtype, cpu_bf16, valid_device_name
-from pipeline.errors import CheckpointError, ConfigError
+from pipeline.errors import CaseError, CheckpointError, ConfigError
 from pipeline.inference import sliding_window_predict
 from pipeline.nifti import CaseFiles, read_case
 from pipeline.postprocess import PostProcessing
@@ -146,7 +146,8 @@ def ensemble(predictors: Sequence[Predictor]) -> Predictor:
 
 def run_checkpoints(runs: Sequence[str | Path]) -> list[Path]:
     """The checkpoints to predict with: each run directory's best (else last) or checkpoint file; a folder
-    holding run directories (a cross-validation) stands for all of them.
+    holding run directories (a cross-validation) stands for all of them. A run folder found there whose
+    name is no run id (:data:`pipeline.brats.CASE_ID`: a name, never a path) is left out with one line.
 
     Raises:
         CheckpointError: nothing to predict with.
@@ -155,7 +156,15 @@ def run_checkpoints(runs: Sequence[str | Path]) -> list[Path]:
     for run in map(Path, runs):
         nested = sorted(d for d in run.iterdir() if d.is_dir() and RunDir(d).has_checkpoint()) \
             if run.is_dir() and not RunDir(run).has_checkpoint() else []
-        found += nested or [run]
+        named = []
+        for d in nested:
+            try:
+                named.append(Path(run) / check_case_id(d.name, str(run), what="run id"))
+            except CaseError as exc:
+                print(f"warning: skipped from the ensemble: {exc}", file=sys.stderr)
+        if nested and not named:
+            raise CheckpointError(f"{run}: no run folder in it has a run id for a name")
+        found += named or [run]
     if not found:
         raise CheckpointError(f"no checkpoint in {[str(r) for r in runs]}")
     return found
