@@ -85,7 +85,7 @@ demo: setup  ## fresh machine -> the whole job on synthetic data (about 6 minute
 	$(MAKE) --no-print-directory predict PYTHON=$(VENV)/bin/python
 	$(MAKE) --no-print-directory evaluate PYTHON=$(VENV)/bin/python
 
-test:  ## the type check and the linter, then the test suite (CPU, about 9 minutes)
+test:  ## the type check and the linter, then the test suite (CPU, 9-13 minutes on 2 cores)
 	$(MAKE) --no-print-directory typecheck PYTHON=$(PYTHON)
 	$(MAKE) --no-print-directory lint PYTHON=$(PYTHON)
 	$(PYTHON) -m pytest -q

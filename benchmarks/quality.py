@@ -39,7 +39,6 @@ from benchmarks.common import shared_data_dir, table
 from pipeline.brats import REGIONS
 from pipeline.cache import PreprocessConfig, open_cache, open_case
 from pipeline.device import resolve_device
-from pipeline.inference import probs_to_labels
 from pipeline.metrics import evaluate_case
 from pipeline.metrics import summarise as metric_statistics
 from pipeline.postprocess import PostProcessing, apply, choose
@@ -90,7 +89,7 @@ def predict_fold(run: Path, cache: Path, ids: list[str], mirror: bool) -> dict[s
     out = {}
     for cid in ids:
         probs = predict_probabilities(predictor, load_cached_input(cache, cid).image, cfg)
-        out[cid] = probs_to_labels(probs, predictor.output).numpy()
+        out[cid] = predictor.labels(probs).numpy()
     return out
 
 

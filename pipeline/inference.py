@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from pipeline.brats import REGION_PAINT, Activation
+from pipeline.brats import GLIOMA, Activation, LabelScheme
 from pipeline.errors import ConfigError
 
 Output = Literal["softmax", "sigmoid", "logits"]
@@ -173,21 +173,23 @@ def sliding_window_predict(
     return result.to("cpu", copy=True)
 
 
-def probs_to_labels(probs: torch.Tensor, mode: Activation) -> torch.Tensor:
-    """Class labels 0..3 from per-voxel model outputs.
+def probs_to_labels(probs: torch.Tensor, mode: Activation, scheme: LabelScheme = GLIOMA) -> torch.Tensor:
+    """Class labels 0..3 (0..4 with the resection cavity) from per-voxel model outputs.
 
     Args:
         probs: (K, X, Y, Z) float. For "softmax", K class scores (argmax).
             For "sigmoid", K = 3 region probabilities (WT, TC, ET) thresholded
             at 0.5 and converted as nnU-Net does: WT -> 2, then TC -> 1, then
-            ET -> 3, each overwriting the previous.
+            ET -> 3, each overwriting the previous (then RC -> 4 where the
+            scheme has the cavity, K = 4).
         mode: "softmax" or "sigmoid".
+        scheme: the label scheme the network was trained on.
 
     Returns:
         (X, Y, Z) uint8 tensor on ``probs``' device.
 
     Raises:
-        ConfigError: unknown ``mode``, or not 4-D / not 3 channels for sigmoid.
+        ConfigError: unknown ``mode``, or not 4-D / not one channel per region of ``scheme`` for sigmoid.
     """
     if probs.ndim != 4:
         raise ConfigError(f"probs must be (K, X, Y, Z), got shape {tuple(probs.shape)}")
@@ -195,10 +197,11 @@ def probs_to_labels(probs: torch.Tensor, mode: Activation) -> torch.Tensor:
         return probs.argmax(dim=0).to(torch.uint8)
     if mode != "sigmoid":
         raise ConfigError(f"mode must be 'softmax' or 'sigmoid', got {mode!r}")
-    if probs.shape[0] != 3:
-        raise ConfigError(f"sigmoid mode needs 3 region channels (WT, TC, ET), got {probs.shape[0]}")
+    if probs.shape[0] != len(scheme.regions):
+        raise ConfigError(f"sigmoid mode needs {len(scheme.regions)} region channels ({', '.join(scheme.regions)}), "
+                          f"got {probs.shape[0]}")
     labels = torch.zeros(probs.shape[1:], dtype=torch.uint8, device=probs.device)
-    for channel, cls in REGION_PAINT:
+    for channel, cls in scheme.paint:
         labels[probs[channel] > 0.5] = cls
     return labels
 

@@ -1,7 +1,9 @@
 """Lesion-wise Dice and HD95, as BraTS ranks segmentations since 2023.
 
-Per region (WT, TC, ET), following the organisers' published definition for
-gliomas (``BraTS-GLI``: 3 dilation iterations, 50 voxels):
+Per region (WT, TC, ET, and RC with the resection cavity), following the
+organisers' published definition, with each task's dilation and lesion-size
+threshold (:data:`pipeline.brats.TASKS`; gliomas, ``BraTS-GLI``: 3 dilation
+iterations, 50 mm³):
 
 1. Ground-truth lesions are the 26-connected components of the reference,
    merged when they fall in one component of the reference dilated
@@ -25,12 +27,12 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from pipeline.brats import REGIONS, region_masks
+from pipeline.brats import GLIOMA, TASKS, LabelScheme, Task
 from pipeline.metrics import Spacing, dice, hd95
 
 HD95_MISSED = 374.0
-DILATION = 3
-MIN_VOLUME_MM3 = 50.0
+DILATION = TASKS["GLI"].dilation
+MIN_VOLUME_MM3 = TASKS["GLI"].min_volume_mm3
 _CONNECT26 = np.ones((3, 3, 3), dtype=bool)
 _DILATE18 = ndimage.generate_binary_structure(3, 2)
 
@@ -105,21 +107,28 @@ def region_scores(pred: np.ndarray, gt: np.ndarray, spacing: Spacing = (1.0, 1.0
 
 
 def lesion_wise(pred_label: np.ndarray, gt_label: np.ndarray, spacing: Spacing = (1.0, 1.0, 1.0),
-                hd95_method: str = "brats") -> dict[str, float]:
+                hd95_method: str = "brats", task: Task = TASKS["GLI"], scheme: LabelScheme = GLIOMA
+                ) -> dict[str, float]:
     """Lesion-wise metrics of a case for every region.
 
     Args:
-        pred_label: (X, Y, Z) integer classes 0..3.
-        gt_label: (X, Y, Z) integer classes 0..3, same shape.
+        pred_label: (X, Y, Z) integer classes 0..3 (0..4 with the resection cavity).
+        gt_label: (X, Y, Z) integer classes, same shape.
+        spacing: voxel size in mm.
+        hd95_method: "brats" or "pooled" (:func:`pipeline.metrics.hd95`).
+        task: the BraTS task, whose dilation and lesion-size threshold apply (:data:`pipeline.brats.TASKS`:
+            GLI, SSA and PED 3 and 50 mm³, MEN 1 and 50, MET 1 and 2).
+        scheme: the label scheme whose regions are scored (:func:`pipeline.metrics.evaluate_case`).
 
     Returns:
         ``LesionDice_R``, ``LesionHD95_R``, ``LesionTP_R``, ``LesionFN_R``,
-        ``LesionFP_R`` for R in WT, TC, ET.
+        ``LesionFP_R`` for R in WT, TC, ET (and RC).
     """
-    p, g = region_masks(pred_label), region_masks(gt_label)
+    p, g = scheme.masks(pred_label), scheme.masks(gt_label)
     row: dict[str, float] = {}
-    for name in REGIONS:
-        s = region_scores(p[name], g[name], spacing, hd95_method=hd95_method)
+    for name in scheme.regions:
+        s = region_scores(p[name], g[name], spacing, dilation=task.dilation, min_volume=task.min_volume_mm3,
+                          hd95_method=hd95_method)
         row.update({f"LesionDice_{name}": s["dice"], f"LesionHD95_{name}": s["hd95"], f"LesionTP_{name}": s["tp"],
                     f"LesionFN_{name}": s["fn"], f"LesionFP_{name}": s["fp"]})
     return row

@@ -6,6 +6,9 @@ Label convention (project-wide): 0 background, 1 necrosis (NCR), 2 oedema
 * ``mode="classes"``: softmax over 4 classes; Dice over classes 1..3
   (background excluded) + cross-entropy over all 4.
 * ``mode="regions"``: sigmoid over 3 channels WT/TC/ET; Dice + BCE on each.
+
+With the resection cavity (BraTS 2024, :data:`pipeline.brats.GLIOMA_RC`) class 4
+is RC: 5 classes, or 4 regions WT/TC/ET/RC (``LossConfig.labels``).
 """
 
 from __future__ import annotations
@@ -18,21 +21,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.brats import LOSS_CHANNELS, NUM_CLASSES, REGIONS
+from pipeline.brats import GLIOMA, LOSS_CHANNELS, NUM_CLASSES, SCHEMES, LabelScheme, scheme_named
 from pipeline.config import Config
 from pipeline.errors import ConfigError
 
 MODES = tuple(LOSS_CHANNELS)
 
 
-def num_outputs(mode: str) -> int:
-    """Model output channels a loss mode needs: 4 for ``classes``, 3 for ``regions``.
+def num_outputs(mode: str, scheme: LabelScheme = GLIOMA) -> int:
+    """Model output channels a loss mode needs: 4 for ``classes``, 3 for ``regions`` (5 and 4 with the
+    resection cavity).
 
     Raises:
         ConfigError: unknown mode.
     """
     if mode in LOSS_CHANNELS:
-        return LOSS_CHANNELS[mode]
+        return scheme.channels(mode)
     raise ConfigError(f"loss mode must be one of {MODES}, got {mode!r}")
 
 
@@ -50,6 +54,7 @@ class LossConfig(Config):
             empty prediction is not rewarded where the target is non-empty.
         dice_weight: weight of the Dice term.
         ce_weight: weight of the cross-entropy (or BCE) term.
+        labels: the label scheme (:data:`pipeline.brats.SCHEMES`): ``"glioma"`` or ``"glioma-rc"``.
     """
 
     mode: str = "classes"
@@ -57,9 +62,15 @@ class LossConfig(Config):
     smooth: float = 1e-5
     dice_weight: float = 1.0
     ce_weight: float = 1.0
+    labels: str = GLIOMA.name
+
+    @property
+    def scheme(self) -> LabelScheme:
+        return SCHEMES[self.labels]
 
     def __post_init__(self) -> None:
         num_outputs(self.mode)  # validates mode
+        scheme_named(self.labels)
         if not isinstance(self.batch_dice, bool):
             raise ConfigError(f"batch_dice must be a bool, got {self.batch_dice!r}")
         for name in ("smooth", "dice_weight", "ce_weight"):
@@ -92,8 +103,8 @@ def _onehot(label: torch.Tensor, num_classes: int) -> torch.Tensor:
     return onehot.scatter_(1, label.long().unsqueeze(1), 1.0)
 
 
-def _regions(label: torch.Tensor) -> torch.Tensor:
-    masks = [torch.isin(label, torch.tensor(classes, device=label.device)) for classes in REGIONS.values()]
+def _regions(label: torch.Tensor, scheme: LabelScheme = GLIOMA) -> torch.Tensor:
+    masks = [torch.isin(label, torch.tensor(classes, device=label.device)) for classes in scheme.regions.values()]
     return torch.stack(masks, dim=1).float()
 
 
@@ -115,20 +126,22 @@ def labels_to_onehot(label: torch.Tensor, num_classes: int = NUM_CLASSES) -> tor
     return _onehot(label, num_classes)
 
 
-def labels_to_regions(label: torch.Tensor) -> torch.Tensor:
-    """BraTS region masks WT, TC, ET from a contiguous label map.
+def labels_to_regions(label: torch.Tensor, scheme: LabelScheme = GLIOMA) -> torch.Tensor:
+    """BraTS region masks WT, TC, ET (and RC) from a contiguous label map.
 
     Args:
-        label: (B, X, Y, Z) integer, values in 0..3.
+        label: (B, X, Y, Z) integer, values in 0..3 (0..4 with the resection cavity).
+        scheme: the label scheme.
 
     Returns:
-        (B, 3, X, Y, Z) float32; channel 0 WT = {1,2,3}, 1 TC = {1,3}, 2 ET = {3}.
+        (B, R, X, Y, Z) float32; channel 0 WT = {1,2,3}, 1 TC = {1,3}, 2 ET = {3}, 3 RC = {4} where the
+        scheme has it.
 
     Raises:
-        ValueError: wrong shape/dtype or a value outside 0..3.
+        ValueError: wrong shape/dtype or a value outside the scheme's classes.
     """
-    _check_label(label)
-    return _regions(label)
+    _check_label(label, scheme.num_classes)
+    return _regions(label, scheme)
 
 
 def soft_dice_loss(
@@ -188,7 +201,8 @@ class SegmentationLoss(nn.Module):
     def __init__(self, cfg: LossConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.channels = num_outputs(cfg.mode)
+        self.scheme = cfg.scheme
+        self.channels = num_outputs(cfg.mode, self.scheme)
 
     def forward(self, logits: torch.Tensor | Sequence[torch.Tensor], label: torch.Tensor) -> torch.Tensor:
         """Loss of one batch.
@@ -211,7 +225,7 @@ class SegmentationLoss(nn.Module):
         full = outputs[0]
         if full.ndim != 5 or full.shape[0] != label.shape[0] or full.shape[2:] != label.shape[1:]:
             raise ValueError(f"logits {tuple(full.shape)} do not match label {tuple(label.shape)}")
-        _check_label(label)  # once, not per scale: it syncs with the device
+        _check_label(label, self.scheme.num_classes)  # once, not per scale: it syncs with the device
         weights = [0.5**k for k in range(len(outputs))]
         total = sum(weights)
         loss = full.new_zeros((), dtype=torch.float32)
@@ -229,11 +243,11 @@ class SegmentationLoss(nn.Module):
         cfg = self.cfg
         if cfg.mode == "classes":
             probs = torch.softmax(logits, dim=1)[:, 1:]
-            target = _onehot(label, NUM_CLASSES)[:, 1:]
+            target = _onehot(label, self.scheme.num_classes)[:, 1:]
             ce = F.cross_entropy(logits, label)
         else:
             probs = torch.sigmoid(logits)
-            target = _regions(label)
+            target = _regions(label, self.scheme)
             ce = F.binary_cross_entropy_with_logits(logits, target)
         dice = soft_dice_loss(probs, target, batch_dice=cfg.batch_dice, smooth=cfg.smooth)
         return cfg.dice_weight * dice + cfg.ce_weight * ce

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from pipeline.brats import CLASS_NAMES, NUM_CLASSES, REGIONS, region_masks
+from pipeline.brats import GLIOMA, LabelScheme
 from pipeline.errors import ConfigError
 from pipeline.surface import surfel_areas
 
@@ -168,32 +168,36 @@ def confusion_metrics(pred: np.ndarray, gt: np.ndarray, spacing: Spacing = (1.0,
     }
 
 
-def evaluate_case(pred_label: np.ndarray, gt_label: np.ndarray, spacing: Spacing, hd95_method: str = "brats"
-                  ) -> dict[str, float]:
+def evaluate_case(pred_label: np.ndarray, gt_label: np.ndarray, spacing: Spacing, hd95_method: str = "brats",
+                  scheme: LabelScheme = GLIOMA) -> dict[str, float]:
     """All BraTS metrics of one case, per region and per class.
 
-    Per region R in WT, TC, ET: ``Dice_R``, ``HD95_R``, ``Sensitivity_R``,
-    ``Specificity_R``, ``Volume_pred_R_ml``, ``Volume_gt_R_ml``. Per class:
-    ``Dice_NCR`` and ``Dice_ED``; the ET class is the ET region, so its Dice
-    is the single key ``Dice_ET``.
+    Per region R in WT, TC, ET (and RC with the resection cavity): ``Dice_R``,
+    ``HD95_R``, ``Sensitivity_R``, ``Specificity_R``, ``Volume_pred_R_ml``,
+    ``Volume_gt_R_ml``. Per class: ``Dice_NCR`` and ``Dice_ED``; the ET class
+    is the ET region (and RC the RC region), so its Dice is the single key
+    ``Dice_ET``.
 
     Args:
-        pred_label: (X, Y, Z) integer classes 0..3, the full original grid.
-        gt_label: (X, Y, Z) integer classes 0..3, same shape.
+        pred_label: (X, Y, Z) integer classes 0..3 (0..4 with the cavity), the full original grid.
+        gt_label: (X, Y, Z) integer classes, same shape.
         spacing: voxel size in mm along X, Y, Z.
         hd95_method: "brats" (the organisers') or "pooled" (see :func:`hd95`).
+        scheme: the label scheme whose regions are scored (:data:`pipeline.brats.GLIOMA_RC` where the maps may
+            hold the resection cavity, 4); the caller knows it from the edition, never from the values, since an
+            unmapped 2018-2021 ET is a 4 too.
 
     Returns:
         Metric name -> float.
 
     Raises:
-        ConfigError: shapes differ, or a label lies outside 0..3 (e.g. a raw
-            BraTS 4 that was not mapped to 3).
+        ConfigError: shapes differ, or a label lies outside the scheme's classes (e.g. a raw
+            BraTS 4 of 2018-2021 that was not mapped to 3).
     """
-    _check_labels(pred_label, gt_label)
-    pred_masks, gt_masks = region_masks(pred_label), region_masks(gt_label)
+    _check_labels(pred_label, gt_label, scheme)
+    pred_masks, gt_masks = scheme.masks(pred_label), scheme.masks(gt_label)
     row: dict[str, float] = {}
-    for name in REGIONS:
+    for name in scheme.regions:
         p, g = pred_masks[name], gt_masks[name]
         conf = confusion_metrics(p, g, spacing)
         row[f"Dice_{name}"] = dice(p, g)
@@ -202,19 +206,21 @@ def evaluate_case(pred_label: np.ndarray, gt_label: np.ndarray, spacing: Spacing
         row[f"Specificity_{name}"] = conf["specificity"]
         row[f"Volume_pred_{name}_ml"] = conf["volume_pred_ml"]
         row[f"Volume_gt_{name}_ml"] = conf["volume_gt_ml"]
-    for cls, cls_name in CLASS_NAMES.items():
+    for cls, cls_name in scheme.class_names.items():
         key = f"Dice_{cls_name}"
         if key not in row:
             row[key] = dice(pred_label == cls, gt_label == cls)
     return row
 
 
-def batch_region_dice(pred_label: np.ndarray, gt_label: np.ndarray) -> dict[str, float]:
+def batch_region_dice(pred_label: np.ndarray, gt_label: np.ndarray, scheme: LabelScheme = GLIOMA
+                      ) -> dict[str, float]:
     """Dice per region, for quick validation during training.
 
     Args:
-        pred_label: (X, Y, Z) or (B, X, Y, Z) integer classes 0..3.
+        pred_label: (X, Y, Z) or (B, X, Y, Z) integer classes 0..3 (0..4 with the cavity).
         gt_label: same shape as ``pred_label``.
+        scheme: the label scheme (its regions are scored).
 
     Returns:
         ``{"Dice_WT", "Dice_TC", "Dice_ET"}``: for a batch, the mean over cases
@@ -229,7 +235,7 @@ def batch_region_dice(pred_label: np.ndarray, gt_label: np.ndarray) -> dict[str,
     preds = pred_label[None] if pred_label.ndim == 3 else pred_label
     gts = gt_label[None] if gt_label.ndim == 3 else gt_label
     out: dict[str, float] = {}
-    for name, classes in REGIONS.items():
+    for name, classes in scheme.regions.items():
         scores = [dice(np.isin(p, classes), np.isin(g, classes)) for p, g in zip(preds, gts)]
         out[f"Dice_{name}"] = float(np.mean(scores))
     return out
@@ -301,12 +307,14 @@ def _check_spacing(spacing: Spacing) -> tuple[float, float, float]:
     return (values[0], values[1], values[2])
 
 
-def _check_labels(pred_label: np.ndarray, gt_label: np.ndarray) -> None:
-    """Raise ConfigError unless both are 3-D integer label maps with classes 0..3."""
+def _check_labels(pred_label: np.ndarray, gt_label: np.ndarray, scheme: LabelScheme = GLIOMA) -> None:
+    """Raise ConfigError unless both are 3-D integer label maps with the scheme's classes."""
     _check_pair(pred_label, gt_label, ndim=3)
+    n = scheme.num_classes
     for name, label in (("prediction", pred_label), ("reference", gt_label)):
         if not (np.issubdtype(label.dtype, np.integer) or label.dtype == np.bool_):
             raise ConfigError(f"{name} labels must be integers, got dtype {label.dtype}")
-        if label.size and (label.min() < 0 or label.max() >= NUM_CLASSES):
-            bad = np.unique(label[(label < 0) | (label >= NUM_CLASSES)]).tolist()
-            raise ConfigError(f"{name} labels {bad} outside 0..{NUM_CLASSES - 1}; map raw BraTS 4 (ET) to 3 first")
+        if label.size and (label.min() < 0 or label.max() >= n):
+            bad = np.unique(label[(label < 0) | (label >= n)]).tolist()
+            raise ConfigError(f"{name} labels {bad} outside 0..{n - 1} ({scheme.name}); map raw BraTS 4 (ET) to 3 "
+                              "first (or score with the resection cavity's scheme, glioma-rc)")

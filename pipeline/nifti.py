@@ -6,6 +6,7 @@ see :func:`discover_cases` and :func:`read_case`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -17,7 +18,7 @@ import nibabel as nib
 import numpy as np
 
 from pipeline.atomic import atomic_path
-from pipeline.brats import EDITIONS, Edition
+from pipeline.brats import EDITIONS, Edition, detected_edition
 from pipeline.errors import CaseError, MissingFileError
 
 # BraTS volumes are stored with this orientation (LPS-flipped RAS, 1 mm).
@@ -77,6 +78,12 @@ class CaseFiles:
     edition: Edition
     images: tuple[Path | None, ...]
     seg: Path | None
+    #: the edition a flag asked for (``--edition``): its labels only, no detection from the label map
+    asked: Edition | None = None
+
+    def ask(self, edition: Edition | None) -> CaseFiles:
+        """These files read as ``edition`` (None: detected from the file names and labels)."""
+        return dataclasses.replace(self, asked=edition)
 
 
 def _match(names: list[str], suffix: str) -> list[str]:
@@ -224,14 +231,19 @@ def load_volume(case_id: str, path: Path, max_voxels: int = MAX_VOXELS
     return data, np.asarray(img.affine, dtype=np.float64), (float(zooms[0]), float(zooms[1]), float(zooms[2]))
 
 
+def label_values(case_id: str, path: Path, seg: np.ndarray) -> set[int]:
+    """The values of a label map (any integer or float dtype), checked to be integers."""
+    values = np.unique(seg)
+    if np.issubdtype(values.dtype, np.floating) and not np.all(np.isfinite(values) & (values == np.round(values))):
+        raise CaseError(case_id, str(path), f"label map has non-integer values {values[:8].tolist()}")
+    return set(values.astype(np.int64).tolist())
+
+
 def _check_seg(case_id: str, path: Path, seg: np.ndarray, edition: Edition) -> np.ndarray:
     """Validate label values (any integer or float dtype) and return them as int16."""
     if not (np.issubdtype(seg.dtype, np.integer) or np.issubdtype(seg.dtype, np.floating)):
         raise CaseError(case_id, str(path), f"label map has unsupported dtype {seg.dtype}")
-    values = np.unique(seg)
-    if np.issubdtype(values.dtype, np.floating) and not np.all(np.isfinite(values) & (values == np.round(values))):
-        raise CaseError(case_id, str(path), f"label map has non-integer values {values[:8].tolist()}")
-    bad = sorted(set(values.astype(np.int64).tolist()) - set(edition.labels))
+    bad = sorted(label_values(case_id, path, seg) - set(edition.labels))
     if bad:
         raise CaseError(
             case_id, str(path), f"labels {bad} outside the {edition.name} set {list(edition.labels)}"
@@ -245,13 +257,20 @@ def read_case(files: CaseFiles, *, affine_tol: float = 1e-3, max_voxels: int = M
     Checks: all four modalities present; from each header, before its data,
     3-D, at most ``max_voxels`` voxels, a real data type; one shape and one
     affine (within ``affine_tol``) across the case, finite values; the label
-    map (if any) holds only the edition's labels.
+    map (if any) holds only the edition's labels. The edition is the one the
+    files' names give, or the asked one (:meth:`CaseFiles.ask`, which must
+    name its files the same way); a 2023-format label map holding a 4 (the
+    resection cavity) makes an unasked case a 2024 one. The returned case's
+    ``files.edition`` is the edition it was read as.
 
     Raises:
         MissingFileError: a modality file is absent.
         CaseError: any other check fails; the message names the file.
     """
-    cid, ed = files.case_id, files.edition
+    cid, ed = files.case_id, files.asked or files.edition
+    if (ed.separator, ed.suffixes) != (files.edition.separator, files.edition.suffixes):
+        raise CaseError(cid, str(files.folder), f"its files are named as {files.edition.name} "
+                        f"({', '.join(files.edition.suffixes)}), not as the asked edition {ed.name}")
     for mod, path in zip(ed.suffixes, files.images):
         if path is None:
             want = f"{cid}{ed.separator}{mod}.nii[.gz]"
@@ -272,7 +291,10 @@ def read_case(files: CaseFiles, *, affine_tol: float = 1e-3, max_voxels: int = M
     if files.seg is not None:
         data, img = _load(cid, files.seg, max_voxels)
         _check_geometry(cid, files.seg, data.shape, img.affine, ref, affine_tol)
+        if files.asked is None:
+            ed = detected_edition(ed, cid, label_values(cid, files.seg, data))
         seg = _check_seg(cid, files.seg, data, ed)
+    files = dataclasses.replace(files, edition=ed)
     return RawCase(files, np.stack(channels), seg, np.asarray(ref.affine, dtype=np.float64), ref.header)
 
 

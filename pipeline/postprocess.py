@@ -1,6 +1,6 @@
 """Post-processing of predicted class maps, chosen by cross-validation as nnU-Net does.
 
-Operations, applied in this order to a (X, Y, Z) map of classes 0..3:
+Operations, applied in this order to a (X, Y, Z) map of classes 0..3 (a resection cavity, 4, is left as it is):
 
 1. whole-tumour components (26-connected, over classes 1..3): keep only the
    largest (``keep_largest``), or drop those under ``min_component`` voxels,
@@ -168,7 +168,8 @@ def filter_components(label: np.ndarray, keep_largest: bool, min_component: int,
     """
     if not keep_largest and min_component <= 0 and min_fraction <= 0 and max_distance <= 0:
         return label
-    components, n = ndimage.label(label > 0, structure=_STRUCTURE)
+    # the tumour: a resection cavity (BraTS 2024's class 4) is no tumour component and is left as it is
+    components, n = ndimage.label(np.isin(label, REGIONS["WT"]), structure=_STRUCTURE)
     if n <= 1 and (keep_largest or n == 0):
         return label
     sizes = np.bincount(components.ravel())
@@ -178,7 +179,7 @@ def filter_components(label: np.ndarray, keep_largest: bool, min_component: int,
         keep &= _near_largest(components, sizes, max_distance)
     keep[0] = False
     out = label.copy()
-    out[~keep[components]] = 0
+    out[(components > 0) & ~keep[components]] = 0
     return out
 
 

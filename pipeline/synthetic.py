@@ -1,11 +1,15 @@
-"""Synthetic BraTS2020-style cases, for tests, demos and smoke training.
+"""Synthetic BraTS cases (2018-2021, 2023 and 2024 conventions), for tests, demos and smoke training.
 
 A skull-stripped brain (WM, GM, sulci, ventricles, deep grey nuclei, vessels,
 non-tumour FLAIR lesions) holds one glioma: necrosis (1) inside an enhancing
 rim (4) inside oedema (2). Texture, a bias field, Rician noise and a random
 scale per case and modality keep any one channel from thresholding the tumour.
 Written as ``OUT_DIR/BraTS20_Training_001/BraTS20_Training_001_{flair,t1,t1ce,t2,seg}.nii``
-by ``python -m pipeline.synthetic OUT_DIR --cases 8 [--shape 128 128 96]``.
+by ``python -m pipeline.synthetic OUT_DIR --cases 8 [--shape 128 128 96]``. With
+``--edition brats2023 --task MEN`` the same anatomy is written as
+``BraTS-MEN-00001-000/BraTS-MEN-00001-000-{t2f,t1n,t1c,t2w,seg}.nii`` with ET as 3;
+``--edition brats2024`` adds a resection cavity (4: fluid, dark in T1 and FLAIR,
+bright in T2) beside the tumour, as in BraTS 2024's post-treatment gliomas.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from pipeline.brats import MODALITIES
+from pipeline.brats import EDITION_BY_NAME, MODALITIES, TASKS
 from pipeline.errors import ConfigError
 from pipeline.nifti import BRATS_AFFINE, save_volume
 
@@ -236,6 +240,34 @@ def make_case(shape: Sequence[int], rng: np.random.Generator) -> tuple[dict[str,
     return images, seg
 
 
+def add_cavity(images: dict[str, np.ndarray], seg: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Carve a resection cavity beside the tumour, in place in ``images``; returns its mask (never empty).
+
+    A ball centred on a voxel of the tumour's surface, of a third of the tumour's radius, takes the brain and
+    oedema voxels it covers (never the tumour core, so TC and ET keep their voxels); they get fluid's
+    intensities: dark in T1, T1ce and FLAIR (suppressed), bright in T2, with a little noise.
+    """
+    tumour = seg > 0
+    brain = images["t1"] > 0
+    surface = np.argwhere(tumour & ~ndimage.binary_erosion(tumour, _CUBE))
+    centre = surface[rng.integers(len(surface))] if len(surface) else np.array(seg.shape) // 2
+    radius = max(2.0, 0.35 * float(np.count_nonzero(tumour)) ** (1.0 / 3.0))
+    grid = np.ogrid[tuple(slice(0, n) for n in seg.shape)]
+    distance2 = np.zeros(seg.shape, dtype=np.float64)
+    for g, c in zip(grid, centre):
+        distance2 = distance2 + (g - c) ** 2
+    cavity: np.ndarray = (distance2 <= radius**2) & brain & np.isin(seg, (0, 2))
+    if not cavity.any():  # a tumour all core here: the cavity takes the brain voxel nearest the centre
+        near = np.argwhere(brain & (seg == 0))
+        cavity[tuple(near[np.argmin(((near - centre) ** 2).sum(1))])] = True
+    fluid = {"flair": 0.2, "t1": 0.3, "t1ce": 0.3, "t2": 1.5}
+    for name, image in images.items():
+        level = float(np.median(image[brain])) * fluid[name]
+        noise = 1 + 0.05 * rng.standard_normal(int(cavity.sum()))
+        image[cavity] = np.clip(level * noise, 1, None).astype(image.dtype)
+    return cavity
+
+
 def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
     """Validate an (X, Y, Z) shape, returning it as a tuple of ints."""
     vals = tuple(shape)
@@ -262,13 +294,19 @@ def generate_dataset(
     with_seg: bool = True,
     start: int = 1,
     prefix: str = "BraTS20_Training",
+    edition: str = "brats2020",
+    task: str = "GLI",
 ) -> list[Path]:
-    """Write ``n_cases`` synthetic cases in the BraTS2020 folder layout.
+    """Write ``n_cases`` synthetic cases in the folder layout and labels of ``edition``.
 
     Case ``k`` (counting from ``start``) goes to ``out_dir/<prefix>_kkk/`` as
     ``<prefix>_kkk_{flair,t1,t1ce,t2[,seg]}.nii[.gz]`` with
-    :data:`pipeline.nifti.BRATS_AFFINE`. Its generator is seeded with
-    ``[seed, k]``, so a case is the same whatever ``n_cases`` and ``start``.
+    :data:`pipeline.nifti.BRATS_AFFINE` (2018-2021: ET 4); in the 2023 and
+    2024 editions to ``out_dir/BraTS-<task>-kkkkk-000/`` as
+    ``BraTS-<task>-kkkkk-000-{t2f,t1n,t1c,t2w[,seg]}.nii[.gz]`` (ET 3; 2024:
+    with a resection cavity, 4, see :func:`add_cavity`). Its generator is
+    seeded with ``[seed, k]``, so a case is the same whatever ``n_cases`` and
+    ``start``.
 
     Args:
         out_dir: root folder, created if needed; existing files are replaced.
@@ -276,9 +314,12 @@ def generate_dataset(
         seed: dataset seed, >= 0.
         shape: (X, Y, Z) size, each side >= 16.
         gz: write ``.nii.gz`` instead of ``.nii``.
-        with_seg: also write the ``_seg`` label map (uint8 {0, 1, 2, 4}).
+        with_seg: also write the label map (uint8; {0, 1, 2, 4} in 2018-2021 labels, {0, 1, 2, 3} in 2023's,
+            {0, 1, 2, 3, 4} in 2024's).
         start: number of the first case, >= 1 (zero-padded to 3 digits).
-        prefix: case-id prefix: letters, digits, ``_``, ``.`` and ``-``.
+        prefix: case-id prefix: letters, digits, ``_``, ``.`` and ``-`` (2018-2021 naming only).
+        edition: ``brats2020``, ``brats2023`` or ``brats2024``.
+        task: the 2023-format task in the case ids (GLI, SSA, PED, MEN, MET).
 
     Returns:
         The case folders, in order.
@@ -292,15 +333,28 @@ def generate_dataset(
     shp = _check_shape(shape)
     if not isinstance(prefix, str) or not _PREFIX.match(prefix):
         raise ConfigError(f"prefix must match {_PREFIX.pattern}, got {prefix!r}")
+    if edition not in EDITION_BY_NAME:
+        raise ConfigError(f"edition must be one of {sorted(EDITION_BY_NAME)}, got {edition!r}")
+    if task not in TASKS:
+        raise ConfigError(f"task must be one of {sorted(TASKS)}, got {task!r}")
+    ed = EDITION_BY_NAME[edition]
+    names = dict(zip((*MODALITIES, "seg"), (*ed.suffixes, "seg")))
     folders: list[Path] = []
     for number in range(start, start + n_cases):
         t0 = time.perf_counter()
-        case_id = f"{prefix}_{number:03d}"
+        case_id = f"{prefix}_{number:03d}" if edition == "brats2020" else f"BraTS-{task}-{number:05d}-000"
         folder = Path(out_dir) / case_id
         folder.mkdir(parents=True, exist_ok=True)
-        images, seg = make_case(shp, np.random.default_rng([seed, number]))
+        rng = np.random.default_rng([seed, number])
+        images, seg = make_case(shp, rng)
+        if edition != "brats2020":
+            cavity = add_cavity(images, seg, rng) if edition == "brats2024" else None
+            seg = np.where(seg == 4, 3, seg).astype(np.uint8)  # ET is 3 from 2023 on
+            if cavity is not None:
+                seg[cavity] = 4
         for name, array in ({**images, "seg": seg} if with_seg else images).items():
-            save_volume(folder / f"{case_id}_{name}{'.nii.gz' if gz else '.nii'}", array, BRATS_AFFINE)
+            save_volume(folder / f"{case_id}{ed.separator}{names[name]}{'.nii.gz' if gz else '.nii'}", array,
+                        BRATS_AFFINE)
         folders.append(folder)
         log.info("%s  %.2f s  %d tumour voxels", case_id, time.perf_counter() - t0, np.count_nonzero(seg))
     return folders
@@ -310,8 +364,9 @@ def _parser() -> argparse.ArgumentParser:
     """Command-line interface of ``python -m pipeline.synthetic``."""
     p = argparse.ArgumentParser(
         prog="python -m pipeline.synthetic",
-        description="Write synthetic BraTS2020-style cases (int16 flair, t1, t1ce, t2 and a uint8 "
-        "label map with values {0, 1, 2, 4}) as OUT_DIR/<prefix>_001/<prefix>_001_<modality>.nii.",
+        description="Write synthetic BraTS cases (int16 flair, t1, t1ce, t2 and a uint8 label map) as "
+        "OUT_DIR/<prefix>_001/<prefix>_001_<modality>.nii (2018-2021: labels {0, 1, 2, 4}), or in the 2023 "
+        "(ET 3) or 2024 (with a resection cavity, 4) naming and labels.",
     )
     p.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="root folder; case folders are created inside it")
     p.add_argument("--cases", type=int, required=True, help="number of cases to write")
@@ -323,7 +378,12 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--no-seg", action="store_true", help="write images only, no _seg file")
     p.add_argument("--start", type=int, default=1, help="number of the first case (default 1)")
-    p.add_argument("--prefix", default="BraTS20_Training", help="case-id prefix (default BraTS20_Training)")
+    p.add_argument("--prefix", default="BraTS20_Training",
+                   help="case-id prefix of the 2018-2021 naming (default BraTS20_Training)")
+    p.add_argument("--edition", choices=list(EDITION_BY_NAME), default="brats2020",
+                   help="file names and labels: brats2020 (2018-2021: _flair ..., ET 4), brats2023 "
+                   "(BraTS-<task>-00001-000-t2f ..., ET 3) or brats2024 (the 2023 files with a resection cavity, 4)")
+    p.add_argument("--task", choices=list(TASKS), default="GLI", help="the task in 2023+ case ids (default GLI)")
     return p
 
 
@@ -335,7 +395,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         folders = generate_dataset(
             args.out_dir, args.cases, seed=args.seed, shape=args.shape, gz=args.gz,
-            with_seg=not args.no_seg, start=args.start, prefix=args.prefix,
+            with_seg=not args.no_seg, start=args.start, prefix=args.prefix, edition=args.edition,
+            task=args.task,
         )  # fmt: skip
     except ConfigError as exc:
         parser.error(str(exc))

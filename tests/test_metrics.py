@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from pipeline.brats import region_masks
 from pipeline.errors import ConfigError
 from pipeline.metrics import (
     HD95_EMPTY,
@@ -17,7 +18,6 @@ from pipeline.metrics import (
     dice,
     evaluate_case,
     hd95,
-    region_masks,
     summarise,
 )
 

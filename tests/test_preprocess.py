@@ -24,7 +24,8 @@ from pipeline.synthetic import generate_dataset
 from preprocess.run import run_preprocess
 from tests.conftest import REPO, TINY, TINY_CFG, load, make_2023_case, real_dir, reference_preprocess
 
-LABEL_MAPS = {"brats2020": {0: 0, 1: 1, 2: 2, 4: 3}, "brats2023": {0: 0, 1: 1, 2: 2, 3: 3}}
+LABEL_MAPS = {"brats2020": {0: 0, 1: 1, 2: 2, 4: 3}, "brats2023": {0: 0, 1: 1, 2: 2, 3: 3},
+              "brats2024": {0: 0, 1: 1, 2: 2, 3: 3, 4: 4}}
 
 
 def check_round_trip(raw_root: Path, cache_dir: Path) -> int:

@@ -251,6 +251,24 @@ def test_resume_keeps_the_split_and_refuses_changed_settings(tiny_cache, tmp_pat
         fit(dataclasses.replace(cfg, epochs=3, preset="seed"), resume=True, progress=False)
     with pytest.raises(CheckpointError, match="epochs may only grow"):
         fit(dataclasses.replace(cfg, epochs=1), resume=True, progress=False)
+    with pytest.raises(CheckpointError, match=r"batch_dice: False -> True"):
+        fit(dataclasses.replace(cfg, epochs=3, batch_dice=True), resume=True, progress=False)
+    # a checkpoint written before a setting existed ran at its default: it resumes under it
+    state = torch.load(run / "last.pt", weights_only=True)
+    del state["train_config"]["batch_dice"]
+    torch.save(state, run / "last.pt")
+    fit(dataclasses.replace(cfg, epochs=3), resume=True, progress=False)
+    assert torch.load(run / "last.pt", weights_only=True)["train_config"]["batch_dice"] is False
+
+
+def test_batch_dice_is_a_setting_of_the_run_and_its_loss(tiny_cache, tmp_path: Path) -> None:
+    cache_dir, _ = tiny_cache
+    res = subprocess.run(_train_cli(cache_dir, tmp_path / "run", "--batch-dice"), cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert state["loss_config"]["batch_dice"] is True and state["train_config"]["batch_dice"] is True
+    assert state["loss_config"]["labels"] == "glioma"  # no case with the resection cavity
 
 
 def test_defaults_follow_the_device() -> None:

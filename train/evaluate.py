@@ -32,21 +32,44 @@ import numpy as np
 
 from pipeline import lesions, nifti
 from pipeline import transforms as T
-from pipeline.brats import MODALITIES, REGIONS
+from pipeline.brats import (
+    GLIOMA,
+    MODALITIES,
+    REGIONS,
+    TASKS,
+    Edition,
+    LabelScheme,
+    Task,
+    detected_edition,
+    edition_named,
+    task_named,
+    task_of,
+    writable_map,
+)
 from pipeline.cache import open_cache, open_case
 from pipeline.cache.location import Location, redact
 from pipeline.caseloop import CASE_ERRORS, Job, describe_failure, run_cases
 from pipeline.device import resolve_device
-from pipeline.errors import CaseError, CheckpointError, PipelineError
+from pipeline.errors import CaseError, CheckpointError, ConfigError, PipelineError
 from pipeline.metrics import HD95_METHODS, evaluate_case
 from train import predict as P
 from train import predictor as L
 from train.checkpoint import RunState, load_state
-from train.report import ROWS, TABLE_METRICS, CaseView, centre_caption, format_table, montage, write_reports
+from train.report import (
+    ROWS,
+    TABLE_METRICS,
+    CaseView,
+    centre_caption,
+    format_table,
+    montage,
+    scored_regions,
+    write_reports,
+)
 from train.run import TENSORBOARD, RunDir
 
-#: (predicted classes, reference classes, spacing in mm), both (X, Y, Z) uint8.
-Pair = tuple[np.ndarray, np.ndarray, tuple[float, float, float]]
+#: (predicted classes, reference classes, both (X, Y, Z) uint8; spacing in mm; the label scheme scored; the edition
+#: read as)
+Pair = tuple[np.ndarray, np.ndarray, tuple[float, float, float], LabelScheme, str]
 Loader = Job[Pair]
 #: The images a case's montage is drawn on: (X, Y, Z) float volumes by modality, on the label maps' grid.
 Images = Callable[[], dict[str, np.ndarray]]
@@ -92,25 +115,37 @@ def _check_grid(case_id: str, path: Path, pred: np.ndarray, affine: np.ndarray, 
         raise CaseError(case_id, str(path), f"prediction affine {np.round(affine, 3).tolist()} differs from the reference's")
 
 
-def _folder_pair(files: nifti.CaseFiles, pred_path: Path) -> Pair:
-    """Prediction file and raw GT label map of one case, as classes."""
-    cid, label_map = files.case_id, files.edition.label_map
+def _folder_pair(files: nifti.CaseFiles, pred_path: Path, asked: Edition | None = None) -> Pair:
+    """Prediction file and raw GT label map of one case, as classes of the case's edition: the asked one, else
+    the one its file names and reference give (:func:`pipeline.brats.detected_edition`)."""
+    cid = files.case_id
     if files.seg is None:
         raise CaseError(cid, str(files.folder), "no label map")
     gt, gt_affine, spacing = _read(cid, files.seg)
     pred, affine, _ = _read(cid, pred_path)
     _check_grid(cid, pred_path, pred, affine, gt.shape, gt_affine)
-    return to_classes(cid, pred_path, pred, label_map), to_classes(cid, files.seg, gt, label_map), spacing
+    if asked is not None and (asked.separator, asked.suffixes) != (files.edition.separator, files.edition.suffixes):
+        raise CaseError(cid, str(files.folder), f"its files are named as {files.edition.name}, not as the asked "
+                        f"edition {asked.name}")
+    ed = asked or detected_edition(files.edition, cid, nifti.label_values(cid, files.seg, gt))
+    return (to_classes(cid, pred_path, pred, ed.label_map), to_classes(cid, files.seg, gt, ed.label_map), spacing,
+            ed.scheme, ed.name)
 
 
-def _cache_pair(cache_dir: Location, case_id: str, pred_path: Path) -> Pair:
-    """Prediction file and a cached case's label uncropped to the original grid, as classes."""
+def _cache_pair(cache_dir: Location, case_id: str, pred_path: Path, scheme: LabelScheme = GLIOMA) -> Pair:
+    """Prediction file (of a network trained on ``scheme``) and a cached case's label uncropped to the original
+    grid, as classes; scored on the wider of the network's and the case's schemes."""
     case = open_case(cache_dir, case_id)
     g = case.geometry
     gt = T.uncrop(case.read_label(), g.box, g.original_shape)
     pred, affine, _ = _read(case_id, pred_path)
     _check_grid(case_id, pred_path, pred, affine, gt.shape, g.affine)
-    return to_classes(case_id, pred_path, pred, g.label_map), gt, g.spacing
+    scheme = max(scheme, case.scheme, key=lambda s: s.num_classes)
+    try:  # the convention the prediction was written in (a cavity in a 2023 case: 2024's)
+        label_map = writable_map(g.label_map, set(range(scheme.num_classes)))
+    except ConfigError as exc:
+        raise CaseError(case_id, str(pred_path), str(exc)) from None
+    return to_classes(case_id, pred_path, pred, label_map), gt, g.spacing, scheme, str(case.attrs.get("edition"))
 
 
 def _folder_images(files: nifti.CaseFiles) -> dict[str, np.ndarray]:
@@ -146,7 +181,8 @@ def _unmatched(pred_dir: Path, case_ids: set[str]) -> list[str]:
     return sorted(s for s in stems if s not in case_ids and not s.endswith("_probabilities"))
 
 
-def _folder_loaders(pred_dir: Path, gt_dir: Path) -> tuple[list[Loader], dict[str, str], dict[str, Images]]:
+def _folder_loaders(pred_dir: Path, gt_dir: Path, asked: Edition | None = None
+                    ) -> tuple[list[Loader], dict[str, str], dict[str, Images]]:
     """A loader per GT case with a label map, and of its images; GT cases without a prediction are failures."""
     loaders: list[Loader] = []
     failed: dict[str, str] = {}
@@ -158,7 +194,7 @@ def _folder_loaders(pred_dir: Path, gt_dir: Path) -> tuple[list[Loader], dict[st
         if path is None:
             failed[files.case_id] = f"{files.case_id} [{pred_dir}]: no prediction {files.case_id}.nii.gz"
         else:
-            loaders.append((files.case_id, str(path), partial(_folder_pair, files, path)))
+            loaders.append((files.case_id, str(path), partial(_folder_pair, files, path, asked)))
             images[files.case_id] = partial(_folder_images, files)
     if not loaders and not failed:
         raise FileNotFoundError(f"no case with a label map under {gt_dir}")
@@ -174,34 +210,39 @@ def _view(case_id: str, where: str, images: Images, pred: np.ndarray, gt: np.nda
 
 
 def _score(case_id: str, where: str, load: Callable[[], Pair], lesion_wise: bool, hd95: str,
-           images: Images | None) -> tuple[dict[str, Any], CaseView | None]:
-    """One case's metrics row (``case_id`` first), and its montage when ``images`` is given."""
-    pred, gt, spacing = load()
-    row = {"case_id": case_id, **evaluate_case(pred, gt, spacing, hd95_method=hd95)}
+           images: Images | None, task: Task | None = None) -> tuple[dict[str, Any], CaseView | None]:
+    """One case's metrics row (``case_id``, its edition and task first), and its montage when ``images`` is
+    given; the lesion-wise metrics follow ``task`` (None: the task the case id names)."""
+    pred, gt, spacing, scheme, edition = load()
+    task = task or task_of(case_id)
+    row: dict[str, Any] = {"case_id": case_id, "edition": edition, "task": task.name,
+                           **evaluate_case(pred, gt, spacing, hd95_method=hd95, scheme=scheme)}
     if lesion_wise:
-        row.update(lesions.lesion_wise(pred, gt, spacing, hd95_method=hd95))
+        row.update(lesions.lesion_wise(pred, gt, spacing, hd95_method=hd95, task=task, scheme=scheme))
     return row, _view(case_id, where, images, pred, gt) if images is not None else None
 
 
 def evaluate_loaders(loaders: list[Loader], progress: bool = True, lesion_wise: bool = False, hd95: str = "brats",
-                     images: dict[str, Images] | None = None,
+                     images: dict[str, Images] | None = None, task: Task | None = None,
                      ) -> tuple[list[dict[str, Any]], dict[str, str], dict[str, CaseView]]:
     """Metrics of every case (``case_id`` first), with the lesion-wise ones if asked; failures are reported and
     collected, not raised (:func:`pipeline.caseloop.run_cases`, the loop prediction runs too). With
     ``images``, each case's montage too, drawn while its label maps are in memory
     (:func:`train.report.montage`); returns (rows, failures, montages by case id)."""
     jobs = [(cid, where, partial(_score, cid, where, load, lesion_wise, hd95,
-                                 images[cid] if images is not None else None)) for cid, where, load in loaders]
+                                 images[cid] if images is not None else None, task)) for cid, where, load in loaders]
     done, failed = run_cases(jobs, "evaluate", progress)
     views = {cid: view for cid, (_, view) in done if view is not None}
     return [row for _, (row, _) in done], failed, views
 
 
 def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, out_dir: str | Path | None = None,
-                     *, progress: bool = True, lesion_wise: bool = False, hd95: str = "brats", report: bool = False
-                     ) -> dict[str, Any]:
+                     *, progress: bool = True, lesion_wise: bool = False, hd95: str = "brats", report: bool = False,
+                     edition: str = "auto", task: str = "auto") -> dict[str, Any]:
     """Evaluate ``PRED/<case_id>.nii.gz`` against the raw GT cases; reports go to ``out_dir`` (default PRED);
-    with ``report``, ``report.html`` too (the montages drawn on GT's raw FLAIR and T1ce).
+    with ``report``, ``report.html`` too (the montages drawn on GT's raw FLAIR and T1ce). Labels are read in
+    each case's edition (``edition``: detected, or the one named); the lesion-wise metrics follow each case's
+    task (``task``: from the case id, or the one named).
 
     Returns:
         The summary written to ``summary.json``.
@@ -212,11 +253,26 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, out_dir: str | Pa
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     if not pred_dir.is_dir():
         raise FileNotFoundError(f"prediction folder not found: {pred_dir}")
-    loaders, missing, images = _folder_loaders(pred_dir, gt_dir)
-    rows, failed, views = evaluate_loaders(loaders, progress, lesion_wise, hd95, images if report else None)
+    loaders, missing, images = _folder_loaders(pred_dir, gt_dir, _asked_edition(edition))
+    rows, failed, views = evaluate_loaders(loaders, progress, lesion_wise, hd95, images if report else None,
+                                           _asked_task(task))
+    read_as = [str(r["edition"]) for r in rows]
+    if {"brats2023", "brats2024"} <= set(read_as):
+        print(f"warning: {read_as.count('brats2024')} cases read as BraTS 2024 (a resection cavity in the "
+              f"reference) and {read_as.count('brats2023')} as 2023, which are not scored on RC; pass --edition "
+              "brats2024 to score every case on it (a case without a cavity in either map scores Dice 1)",
+              file=sys.stderr)
     known = {cid for cid, _, _ in loaders} | set(missing)
     extra = {"pred_dir": str(pred_dir), "gt_dir": str(gt_dir), "predictions_without_gt": _unmatched(pred_dir, known)}
     return write_reports(Path(out_dir or pred_dir), rows, {**missing, **failed}, extra, views if report else None)
+
+
+def _asked_edition(name: str) -> Edition | None:
+    return None if name == "auto" else edition_named(name)
+
+
+def _asked_task(name: str) -> Task | None:
+    return None if name == "auto" else task_named(name)
 
 
 def _validation_ids(state: RunState, run_dir: Path) -> list[str]:
@@ -233,7 +289,7 @@ def _log_tensorboard(tb_dir: Path, summary: dict[str, Any], step: int) -> None:
 
     writer = SummaryWriter(log_dir=str(tb_dir))
     try:
-        for reg in REGIONS:
+        for reg in scored_regions(summary["metrics"]) or REGIONS:
             for m in TABLE_METRICS:
                 stats = summary["metrics"].get(f"{m}_{reg}")
                 if stats is not None:
@@ -245,9 +301,10 @@ def _log_tensorboard(tb_dir: Path, summary: dict[str, Any], step: int) -> None:
 
 def evaluate_run(run_dir: str | Path, cfg: L.PredictConfig | None = None, *, cache_dir: str | Path | None = None,
                  out_dir: str | Path | None = None, progress: bool = True, lesion_wise: bool = False,
-                 hd95: str = "brats", report: bool = False,
+                 hd95: str = "brats", report: bool = False, task: str = "auto",
                  ) -> dict[str, Any]:
-    """Predict and evaluate a run's validation cases straight from its cache.
+    """Predict and evaluate a run's validation cases straight from its cache (each in the edition it was
+    cached as; the lesion-wise metrics follow ``task``, by default the one each case id names).
 
     Args:
         run_dir: run directory (its best.pt, else last.pt, is used).
@@ -261,6 +318,8 @@ def evaluate_run(run_dir: str | Path, cfg: L.PredictConfig | None = None, *, cac
         The summary written to ``RUN/evaluation/summary.json``.
     """
     run_dir, cfg = Path(run_dir), cfg or L.PredictConfig()
+    if cfg.edition != "auto":
+        raise ConfigError("--edition reads raw case folders (--pred/--gt); a cache records each case's edition")
     state = load_state(run_dir)
     ids = _validation_ids(state, run_dir)
     cache = str(cache_dir or state.train_config.get("cache_dir", ""))  # a folder or a URL
@@ -270,11 +329,12 @@ def evaluate_run(run_dir: str | Path, cfg: L.PredictConfig | None = None, *, cac
     P.write_record(done, predictor, cfg, str(cache))
     loaders: list[Loader] = [
         (cid, str(pred_dir / f"{cid}.nii.gz"), partial(_cache_pair, open_cache(cache).path, cid,
-                                                       pred_dir / f"{cid}.nii.gz"))
+                                                       pred_dir / f"{cid}.nii.gz", predictor.scheme))
         for cid in done.written
     ]
     images: dict[str, Images] = {cid: partial(_cache_images, open_cache(cache).path, cid) for cid in done.written}
-    rows, failed, views = evaluate_loaders(loaders, progress, lesion_wise, hd95, images if report else None)
+    rows, failed, views = evaluate_loaders(loaders, progress, lesion_wise, hd95, images if report else None,
+                                           _asked_task(task))
     extra = {"checkpoint": predictor.checkpoint, "step": predictor.step, "cache_dir": str(cache),
              "predictions": str(pred_dir), "settings": cfg.to_dict()}
     summary = write_reports(Path(out_dir or run_dir / "evaluation"), rows, {**done.failed, **failed}, extra,
@@ -299,9 +359,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="OUT", help="report folder (default: PRED; with --run: RUN/evaluation)")
     p.add_argument("--cache-dir", metavar="CACHE", help="with --run: override the cache recorded in the run")
     p.add_argument("--lesion-wise", action="store_true",
-                   help="also the BraTS 2023+ lesion-wise Dice and HD95 per region (lesions merged after 3 "
-                   "dilations, lesions of 50 mm3 or less not scored, each miss or false-positive lesion scores "
-                   "Dice 0 and HD95 374 mm), with lesion TP/FN/FP counts")
+                   help="also the BraTS 2023+ lesion-wise Dice and HD95 per region (lesions merged after the task's "
+                   "dilations, lesions at or under its size not scored: GLI, SSA, PED 3 and 50 mm3, MEN 1 and 50, "
+                   "MET 1 and 2; each miss or false-positive lesion scores Dice 0 and HD95 374 mm), with lesion "
+                   "TP/FN/FP counts")
+    p.add_argument("--task", choices=["auto", *TASKS], default="auto",
+                   help="the task whose lesion-wise parameters apply; auto: the one the case id names "
+                   "(BraTS-MEN-... is MEN; 2018-2021 ids are GLI)")
     p.add_argument("--hd95", choices=list(HD95_METHODS), default="brats",
                    help="brats: as the BraTS organisers' code (per direction, weighted by surface area, the larger; "
                    "374 mm when one mask is empty); pooled: MedPy's (both directions' distances in one list, as "
@@ -326,10 +390,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.run:
             summary = evaluate_run(args.run, L.config_from_args(args), cache_dir=args.cache_dir,
                                    out_dir=args.out, progress=not args.no_progress, lesion_wise=args.lesion_wise,
-                                   hd95=args.hd95, report=args.report)
+                                   hd95=args.hd95, report=args.report, task=args.task)
         else:
             summary = evaluate_folders(args.pred, args.gt, args.out, progress=not args.no_progress,
-                                       lesion_wise=args.lesion_wise, hd95=args.hd95, report=args.report)
+                                       lesion_wise=args.lesion_wise, hd95=args.hd95, report=args.report,
+                                       edition=args.edition, task=args.task)
     except (PipelineError, FileNotFoundError) as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from pipeline.brats import GLIOMA
 from pipeline.cache import open_cache, open_case
 from pipeline.cache.location import Location, redact_tree
 from pipeline.device import cpu_bf16, resolve_device
@@ -66,10 +67,13 @@ def build(given: TrainConfig) -> Parts:
     device = distributed.rank_device(resolve_device(given.device), world)
     cfg = resolve(given, device.type, cpu_bf16())
     cache = open_cache(cfg.cache_dir)
-    labelled = [c for c in cache.case_ids if open_case(cache.path, c).has_label]
+    cases = {c: open_case(cache.path, c) for c in cache.case_ids}
+    labelled = [c for c, case in cases.items() if case.has_label]
     split = make_split(labelled, cfg)
-    loss_cfg = LossConfig(mode=cfg.loss_mode, batch_dice=cfg.batch_dice)
-    model_cfg = model_preset(cfg.preset, out_channels=num_outputs(cfg.loss_mode),
+    # the classes of the labelled cases: with the resection cavity if any case has it (BraTS 2024)
+    scheme = max((cases[c].scheme for c in labelled), key=lambda s: s.num_classes, default=GLIOMA)
+    loss_cfg = LossConfig(mode=cfg.loss_mode, batch_dice=cfg.batch_dice, labels=scheme.name)
+    model_cfg = model_preset(cfg.preset, out_channels=num_outputs(cfg.loss_mode, scheme),
                              deep_supervision=cfg.deep_supervision)
     if cfg.sync_bn and model_cfg.norm != "batch":
         raise ConfigError(f"--sync-bn: preset {model_cfg.preset!r} uses {model_cfg.norm} norm, which has no "
@@ -165,6 +169,10 @@ def check_resume(parts: Parts, state: RunState) -> None:
         CheckpointError: another model, or a changed setting (named).
     """
     path = state.path
+    labels = state.loss_config.get("labels", GLIOMA.name)
+    if labels != parts.loss_cfg.labels:
+        raise CheckpointError(f"{path} was trained on the {labels!r} labels; the cache's labelled cases now give "
+                              f"{parts.loss_cfg.labels!r} (a resection cavity gained or lost): resume on its own cache")
     if state.model_config != parts.model_cfg.to_dict():
         raise CheckpointError(f"{path} holds another model ({state.model_config.get('preset')!r}, "
                               f"this run asks for {parts.model_cfg.preset!r}); resume with the run's own settings")

@@ -23,7 +23,6 @@ from pipeline.cache import open_cache, open_case
 from pipeline.cache.location import redact
 from pipeline.device import resolve_device
 from pipeline.errors import CheckpointError, PipelineError
-from pipeline.inference import probs_to_labels
 from pipeline.postprocess import PostProcessing, choose
 from train import predictor as L
 from train.checkpoint import load_state
@@ -51,7 +50,7 @@ def out_of_fold(runs: Sequence[Path], cfg: L.PredictConfig, progress: bool = Tru
             if cid in preds:
                 raise CheckpointError(f"{run}: case {cid} is also held out by another run (not one split's folds)")
             probs = L.predict_probabilities(predictor, L.load_cached_input(cache, cid).image, cfg)
-            preds[cid] = probs_to_labels(probs, predictor.output).numpy()
+            preds[cid] = predictor.labels(probs).numpy()
             truths[cid] = np.asarray(open_case(cache, cid).read_label())
     return preds, truths
 

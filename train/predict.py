@@ -41,20 +41,18 @@ import torch
 
 from pipeline import transforms as T
 from pipeline.atomic import atomic_path, remove_leftovers
-from pipeline.brats import check_case_id
+from pipeline.brats import check_case_id, edition_named, writable_map
 from pipeline.cache import open_cache
 from pipeline.cache.location import is_url, redact, redact_tree
 from pipeline.caseloop import Job, run_cases
 from pipeline.device import resolve_device
 from pipeline.errors import CaseError, ConfigError, PipelineError
-from pipeline.inference import probs_to_labels
 from pipeline.nifti import discover_cases, save_volume
 from pipeline.postprocess import apply
 from pipeline.provenance import run_record
 from train import distributed
 from train.checkpoint import load_checkpoint
 from train.predictor import (
-    CHANNELS,
     CaseInput,
     PredictConfig,
     Predictor,
@@ -102,9 +100,12 @@ def _select(found: Mapping[str, Source], case_ids: Sequence[str] | None, where: 
     return [found[c] if c in found else (c, where, partial(_missing, c, where)) for c in ids]
 
 
-def raw_sources(input_dir: str | Path, case_ids: Sequence[str] | None, input_dtype: str) -> list[Source]:
-    """Loaders for the raw cases under ``input_dir`` (all, or those in ``case_ids``)."""
-    found = {f.case_id: (f.case_id, str(f.folder), partial(load_raw_input, f, input_dtype))
+def raw_sources(input_dir: str | Path, case_ids: Sequence[str] | None, input_dtype: str, edition: str = "auto"
+                ) -> list[Source]:
+    """Loaders for the raw cases under ``input_dir`` (all, or those in ``case_ids``), read as ``edition``
+    ("auto": the one their file names give)."""
+    asked = None if edition == "auto" else edition_named(edition)
+    found = {f.case_id: (f.case_id, str(f.folder), partial(load_raw_input, f.ask(asked), input_dtype))
              for f in discover_cases(input_dir)}
     return _select(found, case_ids, str(input_dir))
 
@@ -117,8 +118,18 @@ def cache_sources(cache_dir: str | Path, case_ids: Sequence[str] | None) -> list
 
 
 def to_raw_labels(label: np.ndarray, case: CaseInput) -> np.ndarray:
-    """Cropped classes (x, y, z) -> (X, Y, Z) uint8 raw BraTS labels in the original grid."""
-    return T.unmap_labels(T.uncrop(label.astype(np.uint8), case.box, case.original_shape), case.label_map)
+    """Cropped classes (x, y, z) -> (X, Y, Z) uint8 raw BraTS labels in the original grid, in the case's
+    convention (a resection cavity in a 2023-format case's: 2024's, RC = 4).
+
+    Raises:
+        CaseError: a class the case's convention cannot hold (a cavity in a 2018-2021 case, where 4 is ET).
+    """
+    classes = {int(c) for c in np.unique(label)}
+    try:
+        mapping = writable_map(case.label_map, classes)
+    except ConfigError as exc:
+        raise CaseError(case.case_id, None, str(exc)) from None
+    return T.unmap_labels(T.uncrop(label.astype(np.uint8), case.box, case.original_shape), mapping)
 
 
 def write_label(out_dir: Path, case: CaseInput, label: np.ndarray) -> Path:
@@ -142,7 +153,7 @@ def write_probabilities(out_dir: Path, case: CaseInput, probs: torch.Tensor, out
 def predict_case(predictor: Predictor, case: CaseInput, out_dir: Path, cfg: PredictConfig) -> Path:
     """Segment one case and write its label file (and probabilities if asked)."""
     probs = predict_probabilities(predictor, case.image, cfg)
-    label = probs_to_labels(probs, predictor.output).numpy()
+    label = predictor.labels(probs).numpy()
     post = postprocessing_of(predictor, cfg)
     path = write_label(out_dir, case, apply(label, post) if post else label)
     if cfg.save_probabilities:
@@ -186,7 +197,8 @@ def write_record(summary: PredictSummary, predictor: Predictor, cfg: PredictConf
     body = {
         "checkpoint": predictor.checkpoint, "members": list(predictor.members), "step": predictor.step,
         "source": source,
-        "output": predictor.output, "probability_channels": CHANNELS[predictor.output],
+        "output": predictor.output, "probability_channels": predictor.scheme.channel_names(predictor.output),
+        "labels": predictor.scheme.name,
         "patch_size": list(predictor.patch_size), "device": str(predictor.device),
         "settings": cfg.to_dict(), "postprocessing": (post.to_dict() if (post := postprocessing_of(predictor, cfg))
                                                       else None),
@@ -218,12 +230,14 @@ def run_predict(
     """
     if (input_dir is None) == (cache_dir is None):
         raise ConfigError(f"give exactly one of input_dir ({input_dir}) and cache_dir ({cache_dir})")
+    if cache_dir is not None and cfg.edition != "auto":
+        raise ConfigError("--edition reads raw case folders; a cache records each case's edition")
     world = distributed.from_env()
     device = distributed.rank_device(resolve_device(cfg.device), world)
     runs = [run] if isinstance(run, (str, Path)) else list(run)
     predictor = ensemble([load_predictor(load_checkpoint(r), device) for r in run_checkpoints(runs)])
     if input_dir is not None:
-        sources, where = raw_sources(input_dir, case_ids, predictor.input_dtype), str(input_dir)
+        sources, where = raw_sources(input_dir, case_ids, predictor.input_dtype, cfg.edition), str(input_dir)
     else:
         sources, where = cache_sources(str(cache_dir), case_ids), str(cache_dir)
     summary = predict_cases(predictor, world.share(sources), out_dir, cfg, progress and world.main)

@@ -27,13 +27,22 @@ import numpy as np
 import torch
 
 from pipeline import transforms as T
-from pipeline.brats import CHANNEL_NAMES, LOSS_OUTPUT, Activation, check_case_id
+from pipeline.brats import (
+    CHANNEL_NAMES,
+    EDITION_CHOICES,
+    GLIOMA,
+    LOSS_OUTPUT,
+    SCHEMES,
+    Activation,
+    LabelScheme,
+    check_case_id,
+)
 from pipeline.cache import open_case
 from pipeline.cache.location import Location
 from pipeline.config import Config, add_settings, setting, settings_from_args
 from pipeline.device import autocast_dtype, cpu_bf16, valid_device_name
 from pipeline.errors import CaseError, CheckpointError, ConfigError
-from pipeline.inference import sliding_window_predict
+from pipeline.inference import probs_to_labels, sliding_window_predict
 from pipeline.nifti import CaseFiles, read_case
 from pipeline.postprocess import PostProcessing
 from train.checkpoint import RunState, model_from_checkpoint
@@ -61,6 +70,9 @@ class PredictConfig(Config):
             predicted ET voxels than this gets them relabelled as necrosis
             (0 is off; None keeps the run's).
         save_probabilities: also write ``<case_id>_probabilities.nii.gz``.
+        edition: the raw input's labels convention, which the written label maps follow: "auto" (from the
+            file names: 2018-2021 write ET as 4, 2023+ as 3, and a network trained with the resection cavity
+            writes it as 4 in the 2024 convention) or an edition of :data:`pipeline.brats.EDITIONS`.
     """
 
     overlap: float = setting(0.5, "window overlap in [0, 1) (default: %(default)s)")
@@ -74,6 +86,9 @@ class PredictConfig(Config):
         None, "override the run's ET threshold: relabel predicted ET as necrosis when fewer than N voxels "
         "(0: off; default: the run's)", metavar="N")
     save_probabilities: bool = setting(False, "also write <case_id>_probabilities.nii.gz, (X, Y, Z, K) float32")
+    edition: str = setting("auto", "the raw cases' edition, whose labels are read and written; auto: from the file "
+                           "names (2018-2021: ET 4; 2023+: ET 3, and a 4, the resection cavity, makes them "
+                           "BraTS 2024's)", choices=EDITION_CHOICES)
 
     def __post_init__(self) -> None:
         checks = [
@@ -81,6 +96,7 @@ class PredictConfig(Config):
             (self.batch_size >= 1, "batch_size", self.batch_size),
             (valid_device_name(self.device), "device", self.device),
             (self.et_threshold is None or self.et_threshold >= 0, "et_threshold", self.et_threshold),
+            (self.edition in EDITION_CHOICES, "edition", self.edition),
         ]
         for ok, name, value in checks:
             if not ok:
@@ -93,7 +109,7 @@ class Predictor:
     """A network rebuilt from a checkpoint plus what inference needs to know about it."""
 
     model: torch.nn.Module
-    output: Output  # "sigmoid" (3 regions) or "softmax" (4 classes)
+    output: Output  # "sigmoid" (3 regions) or "softmax" (4 classes); one more of each with the cavity
     patch_size: tuple[int, int, int]
     input_dtype: str  # the training cache's image dtype
     device: torch.device
@@ -102,6 +118,11 @@ class Predictor:
     autocast: torch.dtype | None = None
     post: PostProcessing | None = None  # the run's post-processing, if it has one
     members: tuple[str, ...] = ()  # checkpoints of an ensemble
+    scheme: LabelScheme = GLIOMA  # the classes it was trained on
+
+    def labels(self, probs: torch.Tensor) -> torch.Tensor:
+        """Classes from this network's probabilities (:func:`pipeline.inference.probs_to_labels`)."""
+        return probs_to_labels(probs, self.output, self.scheme)
 
 
 class EnsembleModel(torch.nn.Module):
@@ -135,10 +156,11 @@ def ensemble(predictors: Sequence[Predictor]) -> Predictor:
     if len(predictors) == 1:
         return first
     for p in predictors[1:]:
-        if (p.output, p.patch_size, p.input_dtype) != (first.output, first.patch_size, first.input_dtype):
-            raise CheckpointError(f"cannot ensemble {p.checkpoint} with {first.checkpoint}: output, patch size or "
-                                  f"input dtype differ ({p.output, p.patch_size, p.input_dtype} vs "
-                                  f"{first.output, first.patch_size, first.input_dtype})")
+        if (p.output, p.patch_size, p.input_dtype, p.scheme.name) != (first.output, first.patch_size,
+                                                                       first.input_dtype, first.scheme.name):
+            raise CheckpointError(f"cannot ensemble {p.checkpoint} with {first.checkpoint}: output, patch size, "
+                                  f"input dtype or labels differ ({p.output, p.patch_size, p.input_dtype, p.scheme.name}"
+                                  f" vs {first.output, first.patch_size, first.input_dtype, first.scheme.name})")
     model = EnsembleModel([p.model for p in predictors], first.output).eval()
     return dataclasses.replace(first, model=model, checkpoint=f"ensemble of {len(predictors)}",
                                members=tuple(p.checkpoint for p in predictors))
@@ -210,7 +232,7 @@ def load_raw_input(files: CaseFiles, input_dtype: str = "float16") -> CaseInput:
     shape = raw.images.shape[1:]
     return CaseInput(
         files.case_id, image, box, (shape[0], shape[1], shape[2]), raw.affine, raw.header,
-        dict(files.edition.label_map),
+        dict(raw.files.edition.label_map),
     )
 
 
@@ -239,9 +261,14 @@ def load_predictor(state: dict[str, Any] | RunState, device: torch.device) -> Pr
     if not isinstance(patch, list) or len(patch) != 3:
         raise CheckpointError(f"{path}: train_config patch_size {patch!r} is not three ints")
     model = model_from_checkpoint(s, device)
+    labels = s.loss_config.get("labels", GLIOMA.name)
+    if labels not in SCHEMES:
+        raise CheckpointError(f"{path}: loss_config labels {labels!r} is not one of {sorted(SCHEMES)}")
+    scheme = SCHEMES[labels]
     k = int(s.model_config.get("out_channels", 0))
-    if k != len(CHANNELS[output]):
-        raise CheckpointError(f"{path}: mode {mode!r} needs {len(CHANNELS[output])} outputs, model has {k}")
+    if k != scheme.channels(mode):
+        raise CheckpointError(f"{path}: mode {mode!r} with labels {labels!r} needs {scheme.channels(mode)} outputs, "
+                              f"model has {k}")
     dtype = str(s.preprocess_config.get("dtype", "float16"))
     p = (int(patch[0]), int(patch[1]), int(patch[2]))
     # bf16 where the hardware runs it natively (as the recipes train), else full precision
@@ -249,7 +276,7 @@ def load_predictor(state: dict[str, Any] | RunState, device: torch.device) -> Pr
     if amp is not None and device.type == "cpu":
         model = model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]  # torch's stubs
     return Predictor(model, output, p, dtype, device, str(path), s.step, amp,
-                     load_postprocessing(Path(str(path)).parent))
+                     load_postprocessing(Path(str(path)).parent), scheme=scheme)
 
 
 def load_postprocessing(run_dir: Path) -> PostProcessing | None:

@@ -27,7 +27,7 @@ import html
 import io
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ from matplotlib.image import imsave
 from scipy import ndimage
 
 from pipeline.atomic import atomic_path, remove_leftovers
-from pipeline.brats import REGIONS, region_masks
+from pipeline.brats import GLIOMA_RC, REGIONS, region_masks
 from pipeline.cache.location import redact_tree
 from pipeline.metrics import summarise
 from pipeline.provenance import run_record
@@ -176,15 +176,22 @@ def _boxplot_svg(rows: Sequence[dict[str, Any]]) -> str:
     return svg[svg.index("<svg"):]
 
 
+def scored_regions(keys: Iterable[str]) -> list[str]:
+    """The regions whose ``Dice_<region>`` is among ``keys``: WT, TC, ET, and RC where cases have the cavity."""
+    present = set(keys)
+    return [r for r in GLIOMA_RC.regions if f"Dice_{r}" in present]
+
+
 def boxplot_figure(rows: Sequence[dict[str, Any]]) -> Figure:
     """Two panels: Dice per region and HD95 (mm) per region, one box per region (means marked)."""
     fig = Figure(figsize=(9, 3.6), layout="constrained")
     FigureCanvasAgg(fig)
     for ax, metric, unit in zip(fig.subplots(1, 2), ("Dice", "HD95"), ("", " (mm)")):
-        data = [[float(r[f"{metric}_{reg}"]) for r in rows] for reg in REGIONS]
+        regions = scored_regions(k for r in rows for k in r) or list(REGIONS)
+        data = [[float(r[f"{metric}_{reg}"]) for r in rows if f"{metric}_{reg}" in r] for reg in regions]
         if rows:
             ax.boxplot(data, showmeans=True)
-        ax.set_xticks(range(1, len(REGIONS) + 1), list(REGIONS))
+        ax.set_xticks(range(1, len(regions) + 1), regions)
         ax.set_title(f"{metric} per region (n = {len(rows)})")
         ax.set_ylabel(metric + unit)
         ax.grid(axis="y", alpha=0.3)
@@ -207,7 +214,7 @@ def _summary_table(summary: dict[str, Any], metrics: list[str]) -> str:
     stats = summary["metrics"]
     head = "".join(f"<th>{html.escape(m)}</th>" for m in metrics)
     body = []
-    for reg in REGIONS:
+    for reg in scored_regions(stats) or REGIONS:
         cells = []
         for m in metrics:
             s = stats.get(f"{m}_{reg}") or stats.get(f"{m}_{reg}_ml")
@@ -220,7 +227,7 @@ def _summary_table(summary: dict[str, Any], metrics: list[str]) -> str:
 def _case_table(row: dict[str, Any], metrics: list[str]) -> str:
     head = "".join(f"<th>{html.escape(m)}</th>" for m in metrics)
     body = []
-    for reg in REGIONS:
+    for reg in scored_regions(row) or REGIONS:
         cells = "".join(f"<td>{_fmt(row[k]) if (k := _region_key(m, reg, row)) else '–'}</td>" for m in metrics)
         body.append(f"<tr><th>{reg}</th>{cells}</tr>")
     return f"<table class=case><tr><th>region</th>{head}</tr>{''.join(body)}</table>"
@@ -269,7 +276,7 @@ def format_table(summary: dict[str, Any]) -> str:
     stats = summary["metrics"]
     shown = TABLE_METRICS + tuple(m for m in LESION_METRICS if f"{m}_WT" in stats)
     lines = [f"{'region':<8}" + "".join(f"{m:^21}" for m in shown)]
-    for reg in REGIONS:
+    for reg in scored_regions(stats) or REGIONS:
         cells = []
         for m in shown:
             s = stats.get(f"{m}_{reg}")
@@ -285,7 +292,7 @@ def write_reports(out_dir: Path, rows: list[dict[str, Any]], failed: dict[str, s
     return the summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_leftovers(out_dir)
-    metrics = summarise([{k: v for k, v in r.items() if k != "case_id"} for r in rows])
+    metrics = summarise([{k: v for k, v in r.items() if not isinstance(v, str)} for r in rows])  # not ids, names
     summary = {
         "n_cases": len(rows), "n_failed": len(failed), "failed": dict(sorted(failed.items())),
         "metrics": metrics, **extra, "record": run_record(),

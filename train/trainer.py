@@ -144,12 +144,12 @@ def validate(parts: Parts) -> tuple[dict[str, float], np.ndarray | None]:
             batch_size=parts.cfg.batch_size, device=parts.device,
             autocast_dtype=autocast_dtype(parts.device, parts.cfg.amp), output=mode,
         )
-        pred = probs_to_labels(probs, mode).numpy()
+        pred = probs_to_labels(probs, mode, parts.loss_cfg.scheme).numpy()
         truth = case.read_label()
-        rows.append(batch_region_dice(pred, truth))
+        rows.append(batch_region_dice(pred, truth, parts.loss_cfg.scheme))
         if picture is None:
             picture = overlay_slice(image[0].numpy(), truth, pred)
-    keys = ("Dice_WT", "Dice_TC", "Dice_ET")
+    keys = tuple(f"Dice_{r}" for r in parts.loss_cfg.scheme.regions)  # WT, TC, ET (and RC)
     totals = parts.world.sum([sum(r[k] for r in rows) for k in keys] + [len(rows)])
     metrics = {k: totals[i] / totals[-1] for i, k in enumerate(keys)} if totals[-1] else {}
     if metrics:

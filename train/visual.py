@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-#: RGB per class: necrosis red, oedema green, enhancing tumour yellow.
-COLOURS = np.array([[0, 0, 0], [230, 40, 40], [40, 200, 60], [250, 220, 30]], dtype=np.float32)
+#: RGB per class: necrosis red, oedema green, enhancing tumour yellow, resection cavity blue.
+COLOURS = np.array([[0, 0, 0], [230, 40, 40], [40, 200, 60], [250, 220, 30], [60, 120, 250]], dtype=np.float32)
 
 
 def _panel(gray: np.ndarray, label: np.ndarray, alpha: float) -> np.ndarray:
     rgb = np.repeat(gray[..., None], 3, axis=2)
-    colour = COLOURS[np.clip(label, 0, 3)]
+    colour = COLOURS[np.clip(label, 0, len(COLOURS) - 1)]
     mask = (label > 0)[..., None]
     return np.where(mask, (1 - alpha) * rgb + alpha * colour, rgb)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.brats import CLASS_NAMES
+from pipeline.brats import GLIOMA
 from pipeline.cache.directory import CacheInfo, is_leftover
 from pipeline.cache.location import Location, fs_path
 from pipeline.cache.store import CachedCase, open_case, written_chunks
@@ -27,18 +27,20 @@ def disk_usage(path: Location) -> int:
 def info_lines(cache: CacheInfo) -> list[str]:
     """One header line, then one line per case: shape and label voxel counts."""
     m = cache.manifest
+    cases = {cid: open_case(cache.path, cid) for cid in cache.case_ids}
+    # the classes of the widest label scheme among the cases (the resection cavity where a case has it)
+    names = max((c.scheme for c in cases.values()), key=lambda s: s.num_classes, default=GLIOMA).class_names
     lines = [
         f"cache {cache.path}  format v{m['format_version']}",
         "settings " + " ".join(f"{k}={v}" for k, v in sorted(m["preprocess"].items())),
         f"{len(cache.case_ids)} cases, {disk_usage(cache.path) / 2**20:.1f} MiB on disk"
         + (f", {len(m['failed'])} failed at preprocessing" if m.get("failed") else ""),
-        f"{'case':32s} {'edition':9s} {'shape':>15s}  " + " ".join(f"{n:>8s}" for n in CLASS_NAMES.values()),
+        f"{'case':32s} {'edition':9s} {'shape':>15s}  " + " ".join(f"{n:>8s}" for n in names.values()),
     ]
-    for cid in cache.case_ids:
-        case = open_case(cache.path, cid)
+    for cid, case in cases.items():
         counts = case.attrs.get("class_voxel_counts") or {}
         shape = "x".join(str(s) for s in case.shape)
-        cells = [f"{counts.get(str(k), 0):8d}" if case.has_label else f"{'-':>8s}" for k in CLASS_NAMES]
+        cells = [f"{counts.get(str(k), 0):8d}" if case.has_label else f"{'-':>8s}" for k in names]
         lines.append(f"{cid:32s} {case.attrs['edition']:9s} {shape:>15s}  {' '.join(cells)}")
     return lines
 

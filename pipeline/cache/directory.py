@@ -21,7 +21,7 @@ from pipeline.atomic import atomic_path
 from pipeline.brats import check_case_id
 from pipeline.cache.location import Location, as_location, check_reachable
 from pipeline.cache.store import FORMAT_VERSION, MANIFEST, SUFFIX, PreprocessConfig, case_path, read_attrs
-from pipeline.errors import CacheFormatError, CaseError
+from pipeline.errors import CacheFormatError, CaseError, ConfigError
 
 
 def cleanup_partial(cache_dir: str | os.PathLike[str] | Location) -> list[str]:
@@ -47,6 +47,16 @@ def is_leftover(name: str) -> bool:
     return name.startswith(".") and SUFFIX in name and (".tmp-" in name or ".old-" in name)
 
 
+def _made_with(stored: object, cfg: PreprocessConfig) -> bool:
+    """Whether a case's stored settings are ``cfg``'s; a setting added since it was written ran at its default."""
+    if not isinstance(stored, dict):
+        return False
+    try:
+        return PreprocessConfig.from_dict(stored) == cfg
+    except (ConfigError, TypeError):  # settings of another version
+        return False
+
+
 def case_status(cache_dir: str | os.PathLike[str] | Location, case_id: str, sources: list[dict[str, Any]],
                 cfg: PreprocessConfig) -> str:
     """``"complete"`` if the cached case is whole and built from exactly ``sources`` with ``cfg``;
@@ -59,7 +69,7 @@ def case_status(cache_dir: str | os.PathLike[str] | Location, case_id: str, sour
         attrs is None
         or attrs.get("complete") is not True
         or attrs.get("format_version") != FORMAT_VERSION
-        or attrs.get("preprocess") != cfg.to_dict()
+        or not _made_with(attrs.get("preprocess"), cfg)
         or attrs.get("sources") != sources
     ):
         return "stale"

@@ -22,7 +22,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from pipeline.brats import check_case_id
+from pipeline.brats import EDITION_CHOICES, GLIOMA, SCHEMES, LabelScheme, check_case_id
 from pipeline.cache.chunks import ArrayMeta, chunk_files, fetch, read_box
 from pipeline.cache.location import Location, as_location, fs_path
 from pipeline.config import Config, setting
@@ -73,6 +73,9 @@ class PreprocessConfig(Config):
     max_indices_per_class: int | None = setting(10_000, "tumour coordinates kept per class (0: all)",
                                                 flag="--max-indices", metavar="N", zero_is_none=True)
     index_seed: int = setting(0, "seed of the tumour-coordinate sample")
+    edition: str = setting("auto", "the cases' edition: auto (from the file names, and a 2023-format label map "
+                           "holding the resection cavity, 4, is BraTS 2024's) or one to read every case as",
+                           choices=EDITION_CHOICES)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "chunk", tuple(int(c) for c in self.chunk))
@@ -88,12 +91,17 @@ class PreprocessConfig(Config):
             raise ConfigError(f"blocksize must be >= 0, got {self.blocksize}")
         if not 0 <= self.clevel <= 9:
             raise ConfigError(f"clevel must be in 0..9, got {self.clevel}")
+        if self.edition not in EDITION_CHOICES:
+            raise ConfigError(f"edition must be one of {EDITION_CHOICES}, got {self.edition!r}")
         if self.max_indices_per_class is not None and self.max_indices_per_class < 1:
             raise ConfigError(f"max_indices_per_class must be >= 1 or None, got {self.max_indices_per_class}")
 
     def key(self) -> str:
         """Short hash of the settings and the format version."""
-        blob = json.dumps({"format": FORMAT_VERSION, **self.to_dict()}, sort_keys=True)
+        settings = self.to_dict()
+        if settings["edition"] == "auto":  # the default leaves the keys of caches made before it was a setting
+            del settings["edition"]
+        blob = json.dumps({"format": FORMAT_VERSION, **settings}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
@@ -333,6 +341,18 @@ class CachedCase:
     @property
     def has_label(self) -> bool:
         return self._label is not None
+
+    @property
+    def scheme(self) -> LabelScheme:
+        """The classes its label map holds (cases cached before the attribute existed: NCR, ED, ET).
+
+        Raises:
+            CacheFormatError: an unknown scheme name.
+        """
+        name = self.attrs.get("label_scheme", GLIOMA.name)
+        if name not in SCHEMES:
+            raise CacheFormatError(f"{self.path}: unknown label scheme {name!r} (known: {sorted(SCHEMES)})")
+        return SCHEMES[name]
 
     def indices(self) -> dict[int, np.ndarray]:
         """class -> (N, 3) int32 tumour coordinates in the cropped grid (loaded once)."""
