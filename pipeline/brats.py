@@ -174,13 +174,9 @@ class Edition:
     label_map: dict[int, int] = field(hash=False)
     scheme: LabelScheme = GLIOMA
 
-    def inverse_map(self) -> dict[int, int]:
-        """Contiguous class -> raw label, for writing predictions in this edition's convention."""
-        return {c: raw for raw, c in self.label_map.items()}
-
 
 #: 2018-2021 (ET = 4), 2023 (ET = 3; GLI, SSA, PED, MEN, MET) and 2024 (the 2023 files with RC = 4). The
-#: 2024 edition shares the 2023 file names: a case is read as 2024 when its label map holds a 4
+#: 2024 edition shares the 2023 file names: a glioma is read as 2024 when its label map holds a 4
 #: (:func:`pipeline.nifti.read_case`), or when a flag says so.
 EDITIONS: tuple[Edition, ...] = (
     Edition("brats2020", "_", ("flair", "t1", "t1ce", "t2"), (0, 1, 2, 4), {0: 0, 1: NCR, 2: ED, 4: ET}),

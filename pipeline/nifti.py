@@ -85,6 +85,18 @@ class CaseFiles:
         """These files read as ``edition`` (None: detected from the file names and labels)."""
         return dataclasses.replace(self, asked=edition)
 
+    def named_edition(self) -> Edition:
+        """The asked edition, else the one the file names give.
+
+        Raises:
+            CaseError: the asked edition names its files otherwise.
+        """
+        ed, named = self.asked or self.edition, self.edition
+        if (ed.separator, ed.suffixes) != (named.separator, named.suffixes):
+            raise CaseError(self.case_id, str(self.folder), f"its files are named as {named.name} "
+                            f"({', '.join(named.suffixes)}), not as the asked edition {ed.name}")
+        return ed
+
 
 def _match(names: list[str], suffix: str) -> list[str]:
     """File names ending in ``<suffix>.nii`` or ``<suffix>.nii.gz`` (case-insensitive)."""
@@ -259,18 +271,16 @@ def read_case(files: CaseFiles, *, affine_tol: float = 1e-3, max_voxels: int = M
     affine (within ``affine_tol``) across the case, finite values; the label
     map (if any) holds only the edition's labels. The edition is the one the
     files' names give, or the asked one (:meth:`CaseFiles.ask`, which must
-    name its files the same way); a 2023-format label map holding a 4 (the
-    resection cavity) makes an unasked case a 2024 one. The returned case's
+    name its files the same way); a glioma's 2023-format label map holding a
+    4 (the resection cavity) makes an unasked case a 2024 one
+    (:func:`pipeline.brats.detected_edition`). The returned case's
     ``files.edition`` is the edition it was read as.
 
     Raises:
         MissingFileError: a modality file is absent.
         CaseError: any other check fails; the message names the file.
     """
-    cid, ed = files.case_id, files.asked or files.edition
-    if (ed.separator, ed.suffixes) != (files.edition.separator, files.edition.suffixes):
-        raise CaseError(cid, str(files.folder), f"its files are named as {files.edition.name} "
-                        f"({', '.join(files.edition.suffixes)}), not as the asked edition {ed.name}")
+    cid, ed = files.case_id, files.named_edition()
     for mod, path in zip(ed.suffixes, files.images):
         if path is None:
             want = f"{cid}{ed.separator}{mod}.nii[.gz]"

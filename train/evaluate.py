@@ -124,10 +124,9 @@ def _folder_pair(files: nifti.CaseFiles, pred_path: Path, asked: Edition | None 
     gt, gt_affine, spacing = _read(cid, files.seg)
     pred, affine, _ = _read(cid, pred_path)
     _check_grid(cid, pred_path, pred, affine, gt.shape, gt_affine)
-    if asked is not None and (asked.separator, asked.suffixes) != (files.edition.separator, files.edition.suffixes):
-        raise CaseError(cid, str(files.folder), f"its files are named as {files.edition.name}, not as the asked "
-                        f"edition {asked.name}")
-    ed = asked or detected_edition(files.edition, cid, nifti.label_values(cid, files.seg, gt))
+    ed = files.ask(asked).named_edition()
+    if asked is None:
+        ed = detected_edition(ed, cid, nifti.label_values(cid, files.seg, gt))
     return (to_classes(cid, pred_path, pred, ed.label_map), to_classes(cid, files.seg, gt, ed.label_map), spacing,
             ed.scheme, ed.name)
 
