@@ -66,6 +66,9 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "aug-nnunet": dict(augment="nnunet"),
     "fg-0.33": dict(p_fg=0.33),
     "batch-dice": dict(batch_dice=True),  # one Dice per region over the batch: no penalty per tumour-free patch
+    # steps on a CPU without native bf16: a 64^3 float32 step in channels-last takes about a sixth of a 96^3 one
+    # (with a moving average of the weights kept beside them: it trains nothing, and is scored as "plain-ema")
+    "patch-64": dict(patch_size=(64, 64, 64), channels_last=True, ema=0.995),
 }
 
 
@@ -81,11 +84,13 @@ def real_cases(workdir: Path) -> Path:
     return raw
 
 
-def predict_fold(run: Path, cache: Path, ids: list[str], mirror: bool) -> dict[str, np.ndarray]:
-    """Class maps (x, y, z) uint8 of the held-out ``ids`` from the run's final weights."""
+def predict_fold(run: Path, cache: Path, ids: list[str], mirror: bool, weights: str = "final"
+                 ) -> dict[str, np.ndarray]:
+    """Class maps (x, y, z) uint8 of the held-out ``ids`` from the last checkpoint's ``weights`` ("final", or
+    "ema": their moving average)."""
     state = load_checkpoint(RunDir(run).last)
-    cfg = PredictConfig(mirror=mirror, device="cpu")
-    predictor = load_predictor(state, resolve_device("cpu"))
+    cfg = PredictConfig(mirror=mirror, device="cpu", weights=weights)
+    predictor = load_predictor(state, resolve_device("cpu"), weights)
     out = {}
     for cid in ids:
         probs = predict_probabilities(predictor, load_cached_input(cache, cid).image, cfg)
@@ -163,15 +168,17 @@ def fold_runs(name: str, overrides: dict[str, Any], cache: Path, workdir: Path, 
             done.write_text(json.dumps({"finished": time.time()}))
         state = load_state(RunDir(run).last)
         preds[fold] = {}
-        for tta in sorted({False, mirror}):
-            tag = "mirror" if tta else "plain"
+        # the final weights with and without mirroring; their moving average (a run that kept one) without
+        variants = [(tta, "final") for tta in sorted({False, mirror})] + ([(False, "ema")] if state.ema else [])
+        for tta, weights in variants:
+            tag = ("mirror" if tta else "plain") + ("-ema" if weights == "ema" else "")
             saved = run / f"predictions-{tag}.npz"
             if saved.exists() and saved.stat().st_mtime > RunDir(run).last.stat().st_mtime:
                 with np.load(saved) as z:
                     preds[fold][tag] = {k: z[k] for k in z.files}  # class maps of these weights, kept
             else:
                 t1 = time.perf_counter()
-                preds[fold][tag] = predict_fold(run, cache, val_ids, tta)
+                preds[fold][tag] = predict_fold(run, cache, val_ids, tta, weights)
                 np.savez_compressed(saved, **preds[fold][tag])
                 print(f"{name} fold {fold}: {tag} predictions of {len(val_ids)} cases in "
                       f"{time.perf_counter() - t1:.0f} s", flush=True)
@@ -216,7 +223,7 @@ def fmt(iv: dict[str, float], digits: int = 3) -> str:
 def summary_rows(name: str, info: dict[str, Any]) -> list[list[object]]:
     """Markdown rows: each TTA and post-processing variant, all cases and each grade apart."""
     rows: list[list[object]] = []
-    for tag in ("plain", "mirror"):
+    for tag in ("plain", "plain-ema", "mirror"):
         if tag not in info:
             continue
         for label, key in (("", "cases"), (" + post (nested)", "postprocessed_cases"),
@@ -325,6 +332,10 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             for key in ("cases", "postprocessed_cases", "pooled_in_sample_cases"):
                 if key in info[tag]:
                     info[tag][f"summary_{key}"] = summarise(info[tag][key])
+        averaged = [f for f in folds if "plain-ema" in preds[f]]  # folds whose run kept a moving average
+        if averaged:  # scored as predicted, beside "plain" (the same runs' final weights)
+            info["plain-ema"] = {**nested_scores({f: preds[f]["plain-ema"] for f in averaged}, summary.cache_dir,
+                                                 choose_post=False), "folds": averaged}
         results[name] = info
         path.write_text(json.dumps(results, indent=2, default=str))
         print(table(HEADERS, summary_rows(name, info)), flush=True)
@@ -343,24 +354,46 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return results
 
 
-def compare(workdir: Path, name: str, n_folds: int) -> None:
-    """The recipe against ``name`` on the folds ``name`` ran: per-case and mean Dice of the mirrored class maps."""
+#: ``CANDIDATE:VARIANT`` -> the tag of the saved class maps: mirrored (the default), plain, or plain from the
+#: moving average of the weights.
+VARIANTS = {"": "mirror", "plain": "plain", "ema": "plain-ema"}
+
+
+def _variant(spec: str) -> tuple[str, str]:
+    """``CANDIDATE`` or ``CANDIDATE:plain|ema`` -> (candidate, the tag of its saved class maps)."""
+    name, _, variant = spec.partition(":")
+    if name not in CANDIDATES or variant not in VARIANTS:
+        raise SystemExit(f"unknown candidate {spec!r}: one of {sorted(CANDIDATES)}, optionally with ':plain' or "
+                         f"':ema'")
+    return name, VARIANTS[variant]
+
+
+def compare(workdir: Path, spec: str, n_folds: int, against: str = "recipe") -> None:
+    """``against`` and ``spec`` (each a candidate's mirrored class maps, ``CANDIDATE:plain`` for those without
+    mirroring, ``CANDIDATE:ema`` for those of its moving-average weights, without mirroring) on the folds both
+    have: per-case and mean Dice, before post-processing."""
     cache = run_preprocess(real_cases(workdir), workdir / "cache", PreprocessConfig(), jobs=1,
                            progress=False).cache_dir
+    (name, tag), (base_name, base_tag) = _variant(spec), _variant(against)
     rows = []
     for run in sorted((workdir / "runs").glob(f"{name}-k{n_folds}-fold*")):
         fold = run.name.rsplit("fold", 1)[1]
-        with np.load(run / "predictions-mirror.npz") as ours, \
-                np.load(workdir / "runs" / f"recipe-k{n_folds}-fold{fold}" / "predictions-mirror.npz") as base:
+        ours_file = run / f"predictions-{tag}.npz"
+        base_file = workdir / "runs" / f"{base_name}-k{n_folds}-fold{fold}" / f"predictions-{base_tag}.npz"
+        if not (ours_file.is_file() and base_file.is_file()):
+            continue
+        with np.load(ours_file) as ours, np.load(base_file) as base:
             for cid in sorted(ours.files):
                 a, b = (score({cid: z[cid]}, cache)[0] for z in (base, ours))
                 rows.append([cid, fold, *(" / ".join(f"{r[f'Dice_{g}']:.3f}" for g in REGIONS) for r in (a, b)),
                              f"{case_mean(b) - case_mean(a):+.3f}"])
                 rows[-1].append((case_mean(a), case_mean(b)))
+    if not rows:
+        raise SystemExit(f"no fold has the saved class maps of both {against} and {spec} in {workdir / 'runs'}")
     means = np.array([r.pop() for r in rows])
-    print(table(["case", "fold", "recipe Dice WT / TC / ET", f"{name}", "mean change"], rows))
-    print(f"{len(rows)} cases: recipe {means[:, 0].mean():.3f}, {name} {means[:, 1].mean():.3f}, "
-          f"{name} higher in {(means[:, 1] > means[:, 0]).sum()}")
+    print(table(["case", "fold", f"{against} Dice WT / TC / ET", f"{spec}", "mean change"], rows))
+    print(f"{len(rows)} cases: {against} {means[:, 0].mean():.3f}, {spec} {means[:, 1].mean():.3f}, "
+          f"{spec} higher in {(means[:, 1] > means[:, 0]).sum()}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -372,13 +405,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--folds", type=int, nargs="+", help="run only these folds (default: all)")
     p.add_argument("--no-mirror", dest="mirror", action="store_false", help="skip the mirrored predictions")
     p.add_argument("--compare", metavar="CANDIDATE",
-                   help="only print, per held-out case of CANDIDATE's folds, the Dice WT / TC / ET of the recipe "
-                   "and of CANDIDATE from their saved mirrored class maps (before post-processing), and the means")
+                   help="only print, per held-out case of CANDIDATE's folds, the Dice WT / TC / ET of --against "
+                   "and of CANDIDATE from their saved mirrored class maps (before post-processing), and the means; "
+                   "CANDIDATE:plain names its class maps without mirroring, CANDIDATE:ema those of its weights' "
+                   "moving average (without mirroring)")
+    p.add_argument("--against", metavar="CANDIDATE", default="recipe",
+                   help="what --compare compares with (default: recipe; :plain and :ema as for --compare)")
     p.add_argument("--report-only", action="store_true",
                    help="only redraw WORK/report-<candidate>.html from the saved results and predictions")
     args = p.parse_args(argv)
     if args.compare:
-        compare(args.work_dir, args.compare, args.n_folds)
+        compare(args.work_dir, args.compare, args.n_folds, args.against)
         return 0
     if args.report_only:
         results = json.loads((args.work_dir / "quality.json").read_text())

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from benchmarks.quality import LOW_GRADE, interval, nested_scores, summary_rows
+from benchmarks.quality import CANDIDATES, LOW_GRADE, _variant, interval, nested_scores, summary_rows
 from pipeline.cache import open_case
 
 
@@ -37,3 +37,17 @@ def test_post_processing_of_a_fold_is_chosen_without_its_cases(tiny_cache) -> No
     rows = summary_rows("recipe", {"plain": info})
     assert rows and all(r[1].startswith(("all", "HGG/unknown")) for r in rows)  # no LGG among synthetic cases
     assert not set(ids) & LOW_GRADE
+    # the moving-average weights of the same runs are their own rows, beside the final weights'
+    rows = summary_rows("patch-64", {"plain": info, "plain-ema": {"cases": out["cases"]}})
+    assert [r[0] for r in rows if r[1].startswith("all")] == [
+        "patch-64 plain", "patch-64 plain + post (nested)", "patch-64 plain + pooled post (in sample, optimistic)",
+        "patch-64 plain-ema"]
+
+
+def test_compared_variants_name_their_saved_class_maps() -> None:
+    assert _variant("patch-64") == ("patch-64", "mirror")
+    assert _variant("patch-64:plain") == ("patch-64", "plain") and _variant("patch-64:ema") == ("patch-64", "plain-ema")
+    assert CANDIDATES["patch-64"]["ema"] > 0  # its runs keep the average that ":ema" scores
+    for bad in ("nothing", "patch-64:best"):
+        with pytest.raises(SystemExit, match="unknown candidate"):
+            _variant(bad)

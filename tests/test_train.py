@@ -17,11 +17,12 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pipeline.cache import PreprocessConfig
+from pipeline.device import cpu_bf16
 from pipeline.errors import CheckpointError, ConfigError, TrainingError
 from preprocess.run import run_preprocess
 from tests.conftest import REPO, real_dir
 from train.checkpoint import load_checkpoint, model_from_checkpoint
-from train.config import RECIPE_POSTPROCESSING, RECIPES, RunConfig, TrainConfig, resolve
+from train.config import RECIPE_POSTPROCESSING, RECIPES, RunConfig, TrainConfig, recipe_name, resolve
 from train.dataset import BatchPlan, PatchDataset, PatchSpec, make_batches
 from train.parts import build
 from train.predictor import load_postprocessing
@@ -121,8 +122,9 @@ def _train_cli(cache_dir: Path, run_dir: Path, *extra: str) -> list[str]:
 def test_killed_run_resumes_exactly(tiny_cache, tmp_path: Path) -> None:
     cache_dir, _ = tiny_cache
     # float32: oneDNN's bf16 kernels on CPUs with native bf16 may sum in another order from one process to the
-    # next (about 1e-4 apart); what is tested here is that a resume replays the same steps
-    exact = ("--amp", "none", "--channels-last", "false")
+    # next (about 1e-4 apart); what is tested here is that a resume replays the same steps, and continues the
+    # moving average of the weights where it stopped
+    exact = ("--amp", "none", "--channels-last", "false", "--ema", "0.8")
     full = subprocess.run(_train_cli(cache_dir, tmp_path / "a", *exact), cwd=REPO, capture_output=True, text=True,
                           timeout=300)
     assert full.returncode == 0, full.stderr
@@ -144,6 +146,9 @@ def test_killed_run_resumes_exactly(tiny_cache, tmp_path: Path) -> None:
                                                                    rel=1e-5)
     for k, v in a["model"].items():
         torch.testing.assert_close(v, b["model"][k], rtol=1e-4, atol=1e-5)
+    assert a["ema"]["updates"] == b["ema"]["updates"] == 9
+    for k, v in a["ema"]["weights"].items():
+        torch.testing.assert_close(v, b["ema"]["weights"][k], rtol=1e-4, atol=1e-5)
 
 
 def test_training_runs_on_the_real_cases(tmp_path: Path) -> None:
@@ -189,7 +194,7 @@ def test_fold_all_trains_on_every_case_and_keeps_the_final_weights(tiny_cache, t
     assert split["train"] == ids and split["val"] == [] and split["fold"] == "all"
     assert not (tmp_path / "run" / "best.pt").exists()
     assert load_checkpoint(tmp_path / "run")["path"].endswith("last.pt")
-    assert load_postprocessing(tmp_path / "run") == RECIPE_POSTPROCESSING["cpu"]
+    assert load_postprocessing(tmp_path / "run") == RECIPE_POSTPROCESSING[recipe_name("cpu", cpu_bf16())]
     with pytest.raises(ConfigError, match="no --n-folds"):
         TrainConfig(cache_dir="c", run_dir="r", fold="all", n_folds=5)
     with pytest.raises(ConfigError, match="fold"):
@@ -276,7 +281,15 @@ def test_defaults_follow_the_device() -> None:
     assert (cpu.preset, cpu.patch_size, cpu.optimizer) == (RECIPES["cpu"]["preset"], RECIPES["cpu"]["patch_size"],
                                                            RECIPES["cpu"]["optimizer"])
     assert cpu.amp == "bf16" and cpu.channels_last and cpu.n_folds == 5 and cpu.compile is False
-    assert resolve(TrainConfig(cache_dir="c", run_dir="r"), "cpu", cpu_bf16=False).amp == "none"
+    # a CPU without native bf16 trains the float32 recipe: smaller patches, the rest the same
+    fp32 = resolve(TrainConfig(cache_dir="c", run_dir="r"), "cpu", cpu_bf16=False)
+    assert fp32.amp == "none" and fp32.channels_last and fp32.patch_size == (64, 64, 64) != cpu.patch_size
+    assert {k: v for k, v in RECIPES["cpu-float32"].items() if k != "patch_size"} == {
+        k: v for k, v in RECIPES["cpu"].items() if k != "patch_size"}
+    assert recipe_name("cpu", True) == "cpu" and recipe_name("cpu", False) == "cpu-float32"
+    assert recipe_name("cuda", False) == "cuda" and set(RECIPE_POSTPROCESSING) == set(RECIPES)
+    # a flag changes its own setting, not the recipe
+    assert resolve(TrainConfig(cache_dir="c", run_dir="r", amp="none"), "cpu", cpu_bf16=True).patch_size == (96, 96, 96)
     cuda = resolve(TrainConfig(cache_dir="c", run_dir="r", batch_size=4), "cuda", cpu_bf16=False)
     assert (cuda.preset, cuda.patch_size, cuda.batch_size, cuda.amp) == ("brats", (128, 128, 128), 4, "bf16")
     assert cuda.compile is True and cuda.channels_last is False

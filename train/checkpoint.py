@@ -45,6 +45,7 @@ class RunState:
     optimizer: dict[str, Any] | None
     scaler: dict[str, Any] | None
     rng: dict[str, Any] | None
+    ema: dict[str, Any] | None = None  # the moving average of the weights (train.ema), when the run kept one
 
     @classmethod
     def from_checkpoint(cls, state: dict[str, Any]) -> RunState:
@@ -74,7 +75,7 @@ class RunState:
                 elapsed_s=float(state.get("elapsed_s", 0.0)),
                 samples=int(state["samples"]) if state.get("samples") is not None else None,
                 world_size=int(state.get("world_size", 1)), optimizer=maybe("optimizer", dict),
-                scaler=maybe("scaler", dict), rng=maybe("rng", dict))
+                scaler=maybe("scaler", dict), rng=maybe("rng", dict), ema=maybe("ema", dict))
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{path}: malformed checkpoint ({exc})") from None
 
@@ -131,12 +132,34 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     return dict(state)
 
 
-def model_from_checkpoint(state: dict[str, Any] | RunState, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the network from a loaded checkpoint alone, weights loaded, in eval mode."""
+#: The weights a checkpoint can predict with: those trained, or their moving average (``--ema``).
+WEIGHTS = ("final", "ema")
+
+
+def model_from_checkpoint(state: dict[str, Any] | RunState, device: str | torch.device = "cpu",
+                          weights: str = "final") -> nn.Module:
+    """Rebuild the network from a loaded checkpoint alone, weights loaded, in eval mode.
+
+    Args:
+        state: a loaded checkpoint.
+        device: where the network goes.
+        weights: "final" (the weights as trained) or "ema" (their moving average, :mod:`train.ema`).
+
+    Raises:
+        CheckpointError: the model cannot be rebuilt, or ``weights`` is "ema" and the run kept no average.
+    """
     s = state if isinstance(state, RunState) else RunState.from_checkpoint(state)
+    if weights not in WEIGHTS:
+        raise CheckpointError(f"unknown weights {weights!r}; expected one of {WEIGHTS}")
+    chosen = s.model
+    if weights == "ema":
+        if s.ema is None or not isinstance(s.ema.get("weights"), dict):
+            raise CheckpointError(f"{s.path}: holds no moving average of its weights (a run trained with --ema "
+                                  f"DECAY keeps one); predict with --weights final")
+        chosen = s.ema["weights"]
     try:
         model = build_model(ModelConfig.from_dict(s.model_config))
-        model.load_state_dict(s.model)
+        model.load_state_dict(chosen)
     except (KeyError, RuntimeError, ValueError) as exc:
         raise CheckpointError(f"{s.path}: cannot rebuild its model: {exc}") from exc
     return model.to(device).eval()

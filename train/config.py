@@ -2,8 +2,9 @@
 
 Fields left at ``None`` are filled from the *recipe* of the training device
 (:data:`RECIPES`, see :func:`resolve`): with no preset, patch, batch or
-optimiser flags, a CPU trains the project's CPU-budget recipe and CUDA the
-full ``brats`` recipe. The resolved config (no ``None`` left but
+optimiser flags, a CPU trains the project's CPU-budget recipe (96^3 patches
+in bf16 where the CPU runs it natively, 64^3 in float32 elsewhere) and CUDA
+the full ``brats`` recipe. The resolved config (no ``None`` left but
 ``time_budget``) is what a run stores.
 """
 
@@ -40,6 +41,11 @@ RECIPES: dict[str, dict[str, Any]] = {
     # the bf16 + channels-last step times it relies on: docs/benchmarks.md ("Quality on real cases").
     "cpu": dict(preset="small", patch_size=(96, 96, 96), batch_size=2, optimizer="adam", lr=3e-3,
                 schedule="cosine", p_fg=0.5, augment="light", epochs=100, iters_per_epoch=50),
+    # CPU without native bf16 (float32): the same with 64^3 patches. A float32 step of 96^3 takes about 6 s on
+    # 2 cores, one of 64^3 about 1.2 s, so 35 minutes buy some 1,650 steps instead of 290, and on the same held-out
+    # cases that beats the 96^3 recipe by far (docs/benchmarks.md, "A recipe for CPUs without native bf16").
+    "cpu-float32": dict(preset="small", patch_size=(64, 64, 64), batch_size=2, optimizer="adam", lr=3e-3,
+                        schedule="cosine", p_fg=0.5, augment="light", epochs=100, iters_per_epoch=50),
     # CUDA: nnU-Net's 3d_fullres recipe for BraTS (1000 epochs x 250 steps, SGD 0.01, poly).
     "cuda": dict(preset="brats", patch_size=(128, 128, 128), batch_size=2, optimizer="sgd", lr=0.01,
                  schedule="poly", p_fg=0.33, augment="nnunet", epochs=1000, iters_per_epoch=250),
@@ -55,13 +61,18 @@ RECIPES: dict[str, dict[str, Any]] = {
 #: own folds.
 RECIPE_POSTPROCESSING: dict[str, PostProcessing] = {
     "cpu": PostProcessing(max_distance=10, et_max_distance=10),
+    "cpu-float32": PostProcessing(max_distance=10, et_max_distance=10),
     "cuda": PostProcessing(max_distance=10, et_max_distance=10),
 }
 
 
-def recipe_name(device_type: str) -> str:
-    """The recipe a device trains by default: "cuda" or "cpu"."""
-    return "cuda" if device_type == "cuda" else "cpu"
+def recipe_name(device_type: str, cpu_bf16: bool) -> str:
+    """The recipe a device trains by default: "cuda"; "cpu" on a CPU with native bf16 (AMX or AVX512-BF16,
+    :func:`pipeline.device.cpu_bf16`), where it trains in bf16; else "cpu-float32". The hardware decides, not
+    ``--amp``: a flag changes its own setting only."""
+    if device_type == "cuda":
+        return "cuda"
+    return "cpu" if cpu_bf16 else "cpu-float32"
 
 
 @dataclass(frozen=True)
@@ -80,8 +91,9 @@ class TrainConfig(Config):
     "adam", "adamw"), ``lr``, ``weight_decay``, ``schedule`` ("poly",
     exponent 0.9, or "cosine") over ``epochs`` x ``iters_per_epoch`` steps or,
     with ``time_budget`` (minutes), over the elapsed share of the budget,
-    whichever is further; ``amp`` (bf16 on CUDA, and on CPUs with bf16
-    support), ``compile``, ``channels_last``.
+    whichever is further; ``ema``, the decay of a moving average of the
+    weights kept beside them (:mod:`train.ema`; 0: none); ``amp`` (bf16 on
+    CUDA, and on CPUs with bf16 support), ``compile``, ``channels_last``.
     Data parallelism (under torchrun, see train/distributed.py): ``batch_size``
     is per rank; ``sync_bn`` synchronises batch-norm statistics across CUDA
     ranks (presets with batch norm); ``dist_timeout`` (minutes) bounds every
@@ -128,6 +140,10 @@ class TrainConfig(Config):
         f'learning-rate decay to 0 over the steps (or the time budget): poly (exponent 0.9) or cosine; '
         f'{RECIPE}', choices=SCHEDULES)
     weight_decay: float = setting(3e-5, 'weight decay')
+    ema: float = setting(
+        0.0, 'keep an exponential moving average of the weights with this decay (e.g. 0.995; 0: none), stored in '
+        'the checkpoints beside the weights; prediction uses it with --weights ema. It trains nothing: the '
+        'weights are the same with it or without it', metavar="DECAY")
     p_fg: float | None = setting(None, f'share of patches centred on a tumour voxel; {RECIPE}')
     augment: str | None = setting(
         None,
@@ -150,7 +166,7 @@ class TrainConfig(Config):
         None,
         'torch.compile the training step; default: on with CUDA (compiling takes seconds, then the step runs '
         'faster: docs/benchmarks.md, GPU), off on a CPU')
-    channels_last: bool | None = setting(None, 'channels-last-3d memory format; default: on for bf16 on a CPU')
+    channels_last: bool | None = setting(None, 'channels-last-3d memory format; default: on on a CPU, off on CUDA')
     sync_bn: bool = setting(
         False,
         'under torchrun on CUDA: synchronise batch-norm statistics across ranks (SyncBatchNorm; presets with '
@@ -198,6 +214,7 @@ class TrainConfig(Config):
             (self.workers >= 0, "workers", self.workers),
             (self.dist_timeout > 0, "dist_timeout (minutes, > 0)", self.dist_timeout),
             (not is_url(self.run_dir), "run_dir (a local folder: only the cache may be a URL)", self.run_dir),
+            (0.0 <= self.ema < 1.0, "ema (a decay in [0, 1), 0: none)", self.ema),
             (self.val_every >= 1, "val_every", self.val_every),
             (0.0 <= self.val_overlap < 1.0, "val_overlap", self.val_overlap),
             (self.loss_mode in LOSS_MODES, "loss_mode", self.loss_mode),
@@ -231,6 +248,7 @@ class RunConfig(Config):
     lr: float
     schedule: str
     weight_decay: float
+    ema: float
     p_fg: float
     augment: str
     fold: int | str
@@ -260,19 +278,19 @@ def resolve(cfg: TrainConfig, device_type: str, cpu_bf16: bool) -> RunConfig:
         cfg: as given by the user.
         device_type: where the run trains.
         cpu_bf16: whether this CPU runs bf16 convolutions natively (AMX or
-            AVX512-BF16); decides ``amp`` and ``channels_last`` on the CPU.
+            AVX512-BF16); decides the CPU recipe ("cpu" or "cpu-float32") and ``amp``.
 
     Raises:
         ConfigError: fp16 autocast asked for on a CPU.
     """
-    recipe = RECIPES[recipe_name(device_type)]
+    recipe = RECIPES[recipe_name(device_type, cpu_bf16)]
     fill = {k: v for k, v in recipe.items() if getattr(cfg, k) is None}
     if cfg.time_budget is not None and cfg.epochs is None:
         fill["epochs"] = 1_000_000  # the budget, not a step count, ends the run
     if cfg.amp is None:
         fill["amp"] = "bf16" if device_type == "cuda" or cpu_bf16 else "none"
-    if cfg.channels_last is None:
-        fill["channels_last"] = device_type != "cuda" and fill.get("amp", cfg.amp) == "bf16"
+    if cfg.channels_last is None:  # faster on a CPU in bf16 and in float32 alike (docs/benchmarks.md)
+        fill["channels_last"] = device_type != "cuda"
     if cfg.compile is None:  # compiled, the CUDA step runs faster (docs/benchmarks.md, "GPU")
         fill["compile"] = device_type == "cuda"
     if cfg.n_folds is None and cfg.fold != ALL:
@@ -283,5 +301,5 @@ def resolve(cfg: TrainConfig, device_type: str, cpu_bf16: bool) -> RunConfig:
     values = {f.name: getattr(out, f.name) for f in dataclasses.fields(TrainConfig)}
     unset = [k for k, v in values.items() if v is None and k not in ("deep_supervision", "time_budget", "n_folds")]
     if unset:  # a recipe that lacks a setting: a bug of the recipe table, not of the user's flags
-        raise ConfigError(f"the {recipe_name(device_type)} recipe leaves {unset} unset")
+        raise ConfigError(f"the {recipe_name(device_type, cpu_bf16)} recipe leaves {unset} unset")
     return RunConfig(**values)

@@ -322,7 +322,7 @@ def evaluate_run(run_dir: str | Path, cfg: L.PredictConfig | None = None, *, cac
     state = load_state(run_dir)
     ids = _validation_ids(state, run_dir)
     cache = str(cache_dir or state.train_config.get("cache_dir", ""))  # a folder or a URL
-    predictor = L.load_predictor(state, resolve_device(cfg.device))
+    predictor = L.load_predictor(state, resolve_device(cfg.device), cfg.weights)
     pred_dir = run_dir / "predictions" / "val"
     done = P.predict_cases(predictor, P.cache_sources(cache, ids), pred_dir, cfg, progress)
     P.write_record(done, predictor, cfg, str(cache))

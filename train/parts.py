@@ -23,6 +23,7 @@ from train import distributed
 from train.checkpoint import RunState
 from train.config import ALL, DEFAULT_FOLDS, RunConfig, TrainConfig, resolve
 from train.dataset import split_cases
+from train.ema import WeightAverage
 from train.run import RunDir, Split
 
 
@@ -42,6 +43,7 @@ class Parts:
     split: Split
     world: distributed.World
     step_model: nn.Module  # what a training step calls: the model, or its DDP wrapper (compiled when asked)
+    ema: WeightAverage | None = None  # the moving average of the weights, when the run keeps one
     skipped_in_a_row: int = 0  # steps not taken since the last one taken (non-finite gradients)
 
 
@@ -103,8 +105,9 @@ def build(given: TrainConfig) -> Parts:
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and cfg.amp == "fp16")
     loss_fn = SegmentationLoss(loss_cfg)
+    ema = WeightAverage(model, cfg.ema) if cfg.ema else None
     return Parts(cfg, model_cfg, loss_cfg, model, loss_fn, optimizer, scaler, device, cache.path, split, world,
-                 step_model)
+                 step_model, ema)
 
 
 @dataclass
@@ -121,12 +124,14 @@ class Progress:
 
 
 def checkpoint(parts: Parts, progress: Progress) -> dict[str, Any]:
-    """A checkpoint: weights, optimiser, scaler, RNG, the progress, configs (weights_only-safe)."""
+    """A checkpoint: weights (and their moving average), optimiser, scaler, RNG, the progress, configs
+    (weights_only-safe)."""
     rng: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
+    average = {"ema": parts.ema.state_dict()} if parts.ema is not None else {}
     return {
-        "model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
+        "model": parts.model.state_dict(), **average, "optimizer": parts.optimizer.state_dict(),
         "scaler": parts.scaler.state_dict(), "step": progress.step, "epoch": progress.epoch,
         "best_metric": progress.best, "history": progress.history, "rng": rng, "elapsed_s": progress.elapsed_s,
         "samples": progress.samples,
@@ -141,6 +146,11 @@ def restore(parts: Parts, state: RunState) -> Progress:
     """Load a checkpoint's weights, optimiser, scaler and RNG into ``parts``; returns its progress."""
     optimizer, scaler, rng = state.training_parts()
     parts.model.load_state_dict(state.model)
+    if parts.ema is not None:
+        if state.ema is None:
+            raise CheckpointError(f"{state.path}: its settings keep a moving average of the weights (ema "
+                                  f"{parts.cfg.ema}) but it kept no moving average: it cannot be resumed")
+        parts.ema.load_state_dict(state.ema, state.path)
     parts.optimizer.load_state_dict(optimizer)
     parts.scaler.load_state_dict(scaler)
     torch.set_rng_state(rng["torch"])

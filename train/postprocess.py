@@ -45,7 +45,7 @@ def out_of_fold(runs: Sequence[Path], cfg: L.PredictConfig, progress: bool = Tru
         if not ids:
             raise CheckpointError(f"{run}: has no validation cases (a --fold all run cannot choose post-processing)")
         cache = open_cache(str(state.train_config.get("cache_dir", ""))).path  # a cache, a root holding one, a URL
-        predictor = L.load_predictor(state, device)
+        predictor = L.load_predictor(state, device, cfg.weights)
         for cid in tqdm(ids, desc=f"predict {run.name}", unit="case", disable=not progress):
             if cid in preds:
                 raise CheckpointError(f"{run}: case {cid} is also held out by another run (not one split's folds)")

@@ -196,6 +196,7 @@ def write_record(summary: PredictSummary, predictor: Predictor, cfg: PredictConf
     n = len(summary.written) + len(summary.failed)
     body = {
         "checkpoint": predictor.checkpoint, "members": list(predictor.members), "step": predictor.step,
+        "weights": predictor.weights,
         "source": source,
         "output": predictor.output, "probability_channels": predictor.scheme.channel_names(predictor.output),
         "labels": predictor.scheme.name,
@@ -235,7 +236,7 @@ def run_predict(
     world = distributed.from_env()
     device = distributed.rank_device(resolve_device(cfg.device), world)
     runs = [run] if isinstance(run, (str, Path)) else list(run)
-    predictor = ensemble([load_predictor(load_checkpoint(r), device) for r in run_checkpoints(runs)])
+    predictor = ensemble([load_predictor(load_checkpoint(r), device, cfg.weights) for r in run_checkpoints(runs)])
     if input_dir is not None:
         sources, where = raw_sources(input_dir, case_ids, predictor.input_dtype, cfg.edition), str(input_dir)
     else:

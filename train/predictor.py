@@ -45,7 +45,7 @@ from pipeline.errors import CaseError, CheckpointError, ConfigError
 from pipeline.inference import probs_to_labels, sliding_window_predict
 from pipeline.nifti import CaseFiles, read_case
 from pipeline.postprocess import PostProcessing
-from train.checkpoint import RunState, model_from_checkpoint
+from train.checkpoint import WEIGHTS, RunState, model_from_checkpoint
 from train.run import RunDir
 
 #: Output activation per training loss mode.
@@ -70,6 +70,7 @@ class PredictConfig(Config):
             predicted ET voxels than this gets them relabelled as necrosis
             (0 is off; None keeps the run's).
         save_probabilities: also write ``<case_id>_probabilities.nii.gz``.
+        weights: "final" (the weights as trained) or "ema" (their moving average, :mod:`train.ema`).
         edition: the raw input's labels convention, which the written label maps follow: "auto" (from the
             file names: 2018-2021 write ET as 4, 2023+ as 3, and a network trained with the resection cavity
             writes it as 4 in the 2024 convention) or an edition of :data:`pipeline.brats.EDITIONS`.
@@ -89,6 +90,8 @@ class PredictConfig(Config):
     edition: str = setting("auto", "the raw cases' edition, whose labels are read and written; auto: from the file "
                            "names (2018-2021: ET 4; 2023+: ET 3, and a 4, the resection cavity, makes them "
                            "BraTS 2024's)", choices=EDITION_CHOICES)
+    weights: str = setting("final", "the checkpoint's weights to predict with: final (as trained) or ema (their "
+                           "moving average, kept by a run trained with --ema)", choices=WEIGHTS)
 
     def __post_init__(self) -> None:
         checks = [
@@ -97,6 +100,7 @@ class PredictConfig(Config):
             (valid_device_name(self.device), "device", self.device),
             (self.et_threshold is None or self.et_threshold >= 0, "et_threshold", self.et_threshold),
             (self.edition in EDITION_CHOICES, "edition", self.edition),
+            (self.weights in WEIGHTS, "weights", self.weights),
         ]
         for ok, name, value in checks:
             if not ok:
@@ -119,6 +123,7 @@ class Predictor:
     post: PostProcessing | None = None  # the run's post-processing, if it has one
     members: tuple[str, ...] = ()  # checkpoints of an ensemble
     scheme: LabelScheme = GLIOMA  # the classes it was trained on
+    weights: str = "final"  # the checkpoint's weights it predicts with (train.checkpoint.WEIGHTS)
 
     def labels(self, probs: torch.Tensor) -> torch.Tensor:
         """Classes from this network's probabilities (:func:`pipeline.inference.probs_to_labels`)."""
@@ -244,12 +249,13 @@ def load_cached_input(cache_dir: str | Location, case_id: str) -> CaseInput:
                      g.label_map)
 
 
-def load_predictor(state: dict[str, Any] | RunState, device: torch.device) -> Predictor:
-    """Rebuild the network of a loaded checkpoint (see :func:`train.checkpoint.load_state`).
+def load_predictor(state: dict[str, Any] | RunState, device: torch.device, weights: str = "final") -> Predictor:
+    """Rebuild the network of a loaded checkpoint (see :func:`train.checkpoint.load_state`) with its
+    ``weights``: "final" (as trained) or "ema" (their moving average).
 
     Raises:
-        CheckpointError: missing keys, unknown loss mode, missing patch size, or a channel
-            count that does not fit the mode.
+        CheckpointError: missing keys, unknown loss mode, missing patch size, a channel
+            count that does not fit the mode, or an average asked of a run that kept none.
     """
     s = state if isinstance(state, RunState) else RunState.from_checkpoint(state)
     path = s.path
@@ -260,7 +266,7 @@ def load_predictor(state: dict[str, Any] | RunState, device: torch.device) -> Pr
     patch = s.train_config.get("patch_size")
     if not isinstance(patch, list) or len(patch) != 3:
         raise CheckpointError(f"{path}: train_config patch_size {patch!r} is not three ints")
-    model = model_from_checkpoint(s, device)
+    model = model_from_checkpoint(s, device, weights)
     labels = s.loss_config.get("labels", GLIOMA.name)
     if labels not in SCHEMES:
         raise CheckpointError(f"{path}: loss_config labels {labels!r} is not one of {sorted(SCHEMES)}")
@@ -273,10 +279,10 @@ def load_predictor(state: dict[str, Any] | RunState, device: torch.device) -> Pr
     p = (int(patch[0]), int(patch[1]), int(patch[2]))
     # bf16 where the hardware runs it natively (as the recipes train), else full precision
     amp = autocast_dtype(device, "bf16") if device.type == "cuda" or cpu_bf16() else None
-    if amp is not None and device.type == "cpu":
+    if device.type == "cpu":  # faster there in bf16 and in float32 alike, as the recipes train
         model = model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]  # torch's stubs
     return Predictor(model, output, p, dtype, device, str(path), s.step, amp,
-                     load_postprocessing(Path(str(path)).parent), scheme=scheme)
+                     load_postprocessing(Path(str(path)).parent), scheme=scheme, weights=weights)
 
 
 def load_postprocessing(run_dir: Path) -> PostProcessing | None:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from pipeline.brats import LOSS_OUTPUT
 from pipeline.cache import open_case
-from pipeline.device import autocast_dtype
+from pipeline.device import autocast_dtype, cpu_bf16
 from pipeline.errors import ConfigError, PipelineError, RunDirError, TrainingError
 from pipeline.inference import probs_to_labels, sliding_window_predict
 from pipeline.metrics import batch_region_dice
@@ -119,6 +119,8 @@ def train_step(parts: Parts, batch: Batch, lr: float) -> dict[str, float]:
             return {"loss": loss, "lr": float(lr), "retried": retried, "skipped": 1.0}
     parts.scaler.step(parts.optimizer)
     parts.scaler.update()
+    if parts.ema is not None:
+        parts.ema.update(parts.model)
     return {"loss": loss, "lr": float(lr), "retried": retried, "skipped": skipped}
 
 
@@ -163,7 +165,7 @@ def _write_run_files(parts: Parts, run: RunDir) -> None:
     run.write_json(SPLIT, parts.split)
     run.write_json(RECORD, run_record())
     if not run.file(POSTPROCESSING).exists():  # the recipe's choice until train.postprocess chooses on its folds
-        run.write_postprocessing(RECIPE_POSTPROCESSING[recipe_name(parts.device.type)])
+        run.write_postprocessing(RECIPE_POSTPROCESSING[recipe_name(parts.device.type, cpu_bf16())])
 
 
 @contextmanager
