@@ -38,13 +38,13 @@ from scipy import stats
 from benchmarks.common import shared_data_dir, table
 from pipeline.brats import REGIONS
 from pipeline.cache import PreprocessConfig, open_cache, open_case
-from pipeline.device import resolve_device
+from pipeline.device import cpu_bf16, resolve_device
 from pipeline.metrics import evaluate_case
 from pipeline.metrics import summarise as metric_statistics
 from pipeline.postprocess import PostProcessing, apply, choose
 from preprocess.run import run_preprocess
 from train.checkpoint import load_checkpoint, load_state
-from train.config import TrainConfig
+from train.config import TrainConfig, resolve
 from train.dataset import split_cases
 from train.predictor import PredictConfig, load_cached_input, load_predictor, predict_probabilities
 from train.report import CaseView, centre_caption, montage, write_report
@@ -156,11 +156,13 @@ def fold_runs(name: str, overrides: dict[str, Any], cache: Path, workdir: Path, 
         run = workdir / "runs" / f"{name}-k{n_folds}-fold{fold}"
         done = run / "benchmark_done.json"
         t0 = time.perf_counter()
+        cfg = TrainConfig(cache_dir=str(cache), run_dir=str(run), fold=fold, n_folds=n_folds,
+                          time_budget=budget, device="cpu", val_every=10**6, **overrides)
+        if RunDir(run).last.is_file():
+            check_trained_as(name, run, cfg)
         if not done.exists() and RunDir(run).last.is_file() and load_state(RunDir(run).last).elapsed_s >= budget * 60.0:
             done.write_text(json.dumps({"finished": "before this record was kept; its budget is spent"}))
         if not done.exists():
-            cfg = TrainConfig(cache_dir=str(cache), run_dir=str(run), fold=fold, n_folds=n_folds,
-                              time_budget=budget, device="cpu", val_every=10**6, **overrides)
             resume = RunDir(run).last.is_file()
             print(f"{name} fold {fold}/{n_folds}: {'resuming' if resume else 'training'} on {len(train_ids)} "
                   f"cases, {budget:g} min", flush=True)
@@ -186,6 +188,28 @@ def fold_runs(name: str, overrides: dict[str, Any], cache: Path, workdir: Path, 
                            "elapsed_s": round(state.elapsed_s, 1),
                            "wall_s_this_call": round(time.perf_counter() - t0, 1), "config": state.train_config}
     return preds, info
+
+
+#: The settings that decide what a fold run learns (not where or how fast it ran, nor ``ema``, which trains nothing).
+TRAINED_AS = ("preset", "patch_size", "batch_size", "optimizer", "lr", "schedule", "weight_decay", "p_fg", "augment",
+              "loss_mode", "batch_dice", "deep_supervision", "seed")
+
+
+def check_trained_as(name: str, run: Path, cfg: TrainConfig) -> None:
+    """Refuse to reuse or resume a saved fold run that trained otherwise than candidate ``name`` trains on this
+    machine (a candidate that takes its settings from the recipe means another patch size on a CPU without native
+    bf16).
+
+    Raises:
+        SystemExit: a setting differs (named, with both values).
+    """
+    stored = json.loads(json.dumps(load_state(RunDir(run).last).train_config))
+    now = json.loads(json.dumps(resolve(cfg, "cpu", cpu_bf16()).to_dict()))
+    differ = {k: (stored.get(k), now[k]) for k in TRAINED_AS if stored.get(k) != now[k]}
+    if differ:
+        detail = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())
+        raise SystemExit(f"{run} trained otherwise than {name!r} trains on this machine ({detail}): "
+                         "give another --work-dir, or remove that run to retrain it")
 
 
 def _choose_on(cache: Path, preds: dict[str, np.ndarray]) -> PostProcessing:
@@ -335,7 +359,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         averaged = [f for f in folds if "plain-ema" in preds[f]]  # folds whose run kept a moving average
         if averaged:  # scored as predicted, beside "plain" (the same runs' final weights)
             info["plain-ema"] = {**nested_scores({f: preds[f]["plain-ema"] for f in averaged}, summary.cache_dir,
-                                                 choose_post=False), "folds": averaged}
+                                                 choose_post=False), "averaged_folds": averaged}
+            info["plain-ema"]["summary_cases"] = summarise(info["plain-ema"]["cases"])
         results[name] = info
         path.write_text(json.dumps(results, indent=2, default=str))
         print(table(HEADERS, summary_rows(name, info)), flush=True)
@@ -381,6 +406,7 @@ def compare(workdir: Path, spec: str, n_folds: int, against: str = "recipe") -> 
         ours_file = run / f"predictions-{tag}.npz"
         base_file = workdir / "runs" / f"{base_name}-k{n_folds}-fold{fold}" / f"predictions-{base_tag}.npz"
         if not (ours_file.is_file() and base_file.is_file()):
+            print(f"fold {fold}: left out (no {ours_file.name} of {name}, or no {base_file.name} of {base_name})")
             continue
         with np.load(ours_file) as ours, np.load(base_file) as base:
             for cid in sorted(ours.files):

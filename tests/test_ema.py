@@ -27,7 +27,7 @@ FAST = dict(preset="small", patch_size=(16, 16, 16), batch_size=2, n_folds=3, p_
 
 def test_the_average_moves_by_its_warmed_up_rate_and_copies_counters() -> None:
     net = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
-    avg = WeightAverage(net, decay=0.9)
+    avg = WeightAverage(net, decay=0.5)  # the warm-up (1 + n) / (10 + n) passes 0.5 at the 9th update
     start = {k: v.clone() for k, v in net.state_dict().items()}
     expected = {k: v.clone() for k, v in start.items() if v.is_floating_point()}
     for n in range(30):
@@ -35,7 +35,7 @@ def test_the_average_moves_by_its_warmed_up_rate_and_copies_counters() -> None:
             for p in net.parameters():
                 p.add_(torch.randn_like(p))
         net.train()(torch.randn(4, 3))  # moves the batch-norm statistics and its counter
-        rate = 1.0 - min(0.9, (1.0 + n) / (10.0 + n))
+        rate = 1.0 - min(0.5, (1.0 + n) / (10.0 + n))
         assert avg.rate() == pytest.approx(rate)
         avg.update(net)
         for k, v in net.state_dict().items():
@@ -46,7 +46,16 @@ def test_the_average_moves_by_its_warmed_up_rate_and_copies_counters() -> None:
             torch.testing.assert_close(v, expected[k])
             assert not torch.equal(v, net.state_dict()[k]), k  # an average, not a copy
     assert int(avg.average["1.num_batches_tracked"]) == int(net.state_dict()["1.num_batches_tracked"]) == 30
-    assert avg.updates == 30 and avg.state_dict()["decay"] == 0.9
+    assert avg.updates == 30 and avg.state_dict()["decay"] == 0.5 and avg.rate() == 0.5
+    # a channels-last network's average keeps its memory format, and follows it
+    conv = nn.Conv3d(2, 3, 3).to(memory_format=torch.channels_last_3d)
+    conv_avg = WeightAverage(conv, decay=0.5)
+    with torch.no_grad():
+        conv.weight.add_(1.0)
+    conv_avg.update(conv)
+    assert conv_avg.average["weight"].is_contiguous(memory_format=torch.channels_last_3d)
+    # the first update moves it 0.9 of the way (a rate of 1 - 1/10)
+    torch.testing.assert_close(conv_avg.average["weight"], conv.weight - 0.1)
     with pytest.raises(ValueError, match="decay"):
         WeightAverage(net, decay=1.0)
     with pytest.raises(ConfigError, match="ema"):

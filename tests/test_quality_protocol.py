@@ -7,8 +7,18 @@ import math
 import numpy as np
 import pytest
 
-from benchmarks.quality import CANDIDATES, LOW_GRADE, _variant, interval, nested_scores, summary_rows
+from benchmarks.quality import (
+    CANDIDATES,
+    LOW_GRADE,
+    _variant,
+    check_trained_as,
+    interval,
+    nested_scores,
+    summary_rows,
+)
 from pipeline.cache import open_case
+from train.config import TrainConfig
+from train.trainer import fit
 
 
 def test_the_interval_of_a_mean_is_students() -> None:
@@ -51,3 +61,14 @@ def test_compared_variants_name_their_saved_class_maps() -> None:
     for bad in ("nothing", "patch-64:best"):
         with pytest.raises(SystemExit, match="unknown candidate"):
             _variant(bad)
+
+
+def test_a_saved_fold_run_is_reused_only_as_the_candidate_it_was(tiny_cache, tmp_path) -> None:
+    cache_dir, _ = tiny_cache
+    given = dict(cache_dir=str(cache_dir), run_dir=str(tmp_path / "run"), fold=0, n_folds=3, preset="small",
+                 patch_size=(16, 16, 16), batch_size=2, epochs=1, iters_per_epoch=1, workers=1, val_every=10**6)
+    fit(TrainConfig(**given), progress=False)
+    check_trained_as("same", tmp_path / "run", TrainConfig(**{**given, "ema": 0.9, "channels_last": True}))
+    # a candidate that leaves the patch to the recipe means 64^3 or 96^3 here, not the run's 16^3
+    with pytest.raises(SystemExit, match=r"patch_size: \[16, 16, 16\] there"):
+        check_trained_as("recipe", tmp_path / "run", TrainConfig(**{**given, "patch_size": None}))

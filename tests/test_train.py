@@ -264,6 +264,13 @@ def test_resume_keeps_the_split_and_refuses_changed_settings(tiny_cache, tmp_pat
     torch.save(state, run / "last.pt")
     fit(dataclasses.replace(cfg, epochs=3), resume=True, progress=False)
     assert torch.load(run / "last.pt", weights_only=True)["train_config"]["batch_dice"] is False
+    # what the recipe would fill in comes from the checkpoint: a run resumed on a machine whose recipe differs
+    # (another patch size on a CPU without native bf16) trains on as it began
+    fit(dataclasses.replace(cfg, epochs=4, patch_size=None, preset=None, batch_size=None), resume=True,
+        progress=False)
+    resumed = torch.load(run / "last.pt", weights_only=True)["train_config"]
+    assert (resumed["patch_size"], resumed["preset"], resumed["batch_size"], resumed["epochs"]) == (
+        [16, 16, 16], "small", 2, 4)
 
 
 def test_batch_dice_is_a_setting_of_the_run_and_its_loss(tiny_cache, tmp_path: Path) -> None:

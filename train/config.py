@@ -41,8 +41,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     # the bf16 + channels-last step times it relies on: docs/benchmarks.md ("Quality on real cases").
     "cpu": dict(preset="small", patch_size=(96, 96, 96), batch_size=2, optimizer="adam", lr=3e-3,
                 schedule="cosine", p_fg=0.5, augment="light", epochs=100, iters_per_epoch=50),
-    # CPU without native bf16 (float32): the same with 64^3 patches. A float32 step of 96^3 takes about 6 s on
-    # 2 cores, one of 64^3 about 1.2 s, so 35 minutes buy some 1,650 steps instead of 290, and on the same held-out
+    # CPU without native bf16 (float32): the same with 64^3 patches. A float32 step of 96^3 takes about 7 s on
+    # 2 cores, one of 64^3 about 1.2 s, so 35 minutes buy 1,500-1,700 steps instead of 292, and on the same held-out
     # cases that beats the 96^3 recipe by far (docs/benchmarks.md, "A recipe for CPUs without native bf16").
     "cpu-float32": dict(preset="small", patch_size=(64, 64, 64), batch_size=2, optimizer="adam", lr=3e-3,
                         schedule="cosine", p_fg=0.5, augment="light", epochs=100, iters_per_epoch=50),

@@ -5,7 +5,8 @@ job (:func:`build`), and what of them a checkpoint holds (:func:`checkpoint`, :f
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -20,7 +21,7 @@ from pipeline.errors import CheckpointError, ConfigError
 from pipeline.losses import LossConfig, SegmentationLoss, num_outputs
 from pipeline.model import ModelConfig, build_model, model_preset
 from train import distributed
-from train.checkpoint import RunState
+from train.checkpoint import RunState, load_state
 from train.config import ALL, DEFAULT_FOLDS, RunConfig, TrainConfig, resolve
 from train.dataset import split_cases
 from train.ema import WeightAverage
@@ -164,6 +165,23 @@ def restore(parts: Parts, state: RunState) -> Progress:
 RESUMABLE_CHANGES = frozenset({"cache_dir", "run_dir", "device", "amp", "channels_last", "compile", "loader",
                                "workers", "val_every", "val_overlap", "max_val_cases", "epochs", "time_budget",
                                "dist_timeout"})
+
+
+def resumed_settings(given: TrainConfig, last: Path) -> TrainConfig:
+    """The settings a run resumes with: each one ``given`` leaves to the recipe (``None``) is the checkpoint's, so a
+    run resumed on another machine, whose recipe differs (a CPU with or without native bf16), trains on as it
+    began. Where and how fast it runs (:data:`RESUMABLE_CHANGES`) still follow this machine.
+
+    Raises:
+        CheckpointError: ``last`` is not a readable checkpoint.
+    """
+    if not last.is_file():
+        return given  # resuming nothing: fit says so
+    old = load_state(last).train_config
+    fill: dict[str, Any] = {
+        f.name: tuple(v) if isinstance(v := old[f.name], list) else v for f in fields(TrainConfig)
+        if getattr(given, f.name) is None and old.get(f.name) is not None and f.name not in RESUMABLE_CHANGES}
+    return replace(given, **fill)
 
 
 def check_resume(parts: Parts, state: RunState) -> None:

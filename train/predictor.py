@@ -91,7 +91,9 @@ class PredictConfig(Config):
                            "names (2018-2021: ET 4; 2023+: ET 3, and a 4, the resection cavity, makes them "
                            "BraTS 2024's)", choices=EDITION_CHOICES)
     weights: str = setting("final", "the checkpoint's weights to predict with: final (as trained) or ema (their "
-                           "moving average, kept by a run trained with --ema)", choices=WEIGHTS)
+                           "moving average, kept by a run trained with --ema; a run folder stands for its best.pt "
+                           "when it validated, chosen by the final weights' Dice, else its last.pt)",
+                           choices=WEIGHTS)
 
     def __post_init__(self) -> None:
         checks = [
@@ -279,7 +281,7 @@ def load_predictor(state: dict[str, Any] | RunState, device: torch.device, weigh
     p = (int(patch[0]), int(patch[1]), int(patch[2]))
     # bf16 where the hardware runs it natively (as the recipes train), else full precision
     amp = autocast_dtype(device, "bf16") if device.type == "cuda" or cpu_bf16() else None
-    if device.type == "cpu":  # faster there in bf16 and in float32 alike, as the recipes train
+    if amp is not None and device.type == "cpu":
         model = model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]  # torch's stubs
     return Predictor(model, output, p, dtype, device, str(path), s.step, amp,
                      load_postprocessing(Path(str(path)).parent), scheme=scheme, weights=weights)

@@ -29,7 +29,7 @@ from train.augment import augment_batch, augment_level, sample_generators
 from train.checkpoint import load_state, save_checkpoint
 from train.config import RECIPE_POSTPROCESSING, TrainConfig, recipe_name
 from train.dataset import Batch, BatchPlan, PatchDataset, PatchSpec, make_batches
-from train.parts import Parts, Progress, build, check_resume, checkpoint, restore
+from train.parts import Parts, Progress, build, check_resume, checkpoint, restore, resumed_settings
 from train.run import CONFIG, POSTPROCESSING, RECORD, SPLIT, TENSORBOARD, RunDir
 from train.visual import overlay_slice
 
@@ -212,6 +212,8 @@ def fit(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, prog
         RunDirError: the folder holds another run (or, with ``resume``, none).
         LockedError: another process trains in the folder.
     """
+    if resume:  # what the recipe left unset, the run keeps from its checkpoint
+        cfg = resumed_settings(cfg, RunDir(cfg.run_dir).last)
     parts, run = build(cfg), RunDir(cfg.run_dir)
     with _own(run, parts.world, resume, overwrite):
         return _fit(parts, run, resume, progress)
