@@ -69,6 +69,9 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     # steps on a CPU without native bf16: a 64^3 float32 step in channels-last takes about a sixth of a 96^3 one
     # (with a moving average of the weights kept beside them: it trains nothing, and is scored as "plain-ema")
     "patch-64": dict(patch_size=(64, 64, 64), channels_last=True, ema=0.995),
+    # the kind of network: small's widths with a residual encoder (nnU-Net's ResEnc: 1, 3, 4, 6 blocks per stage,
+    # one conv per decoder stage)
+    "resenc": dict(preset="small-resenc"),
 }
 
 

@@ -7,6 +7,10 @@ Two architectures share one :class:`ModelConfig`:
 * ``arch="unet"``: :class:`UNet3D`, an nnU-Net-like network (strided-conv
   down, conv -> InstanceNorm -> LeakyReLU(0.01) x 2 per stage, optional deep
   supervision).
+* ``arch="resenc"``: :class:`UNet3D` with a residual encoder, as nnU-Net's
+  ResEnc presets (Isensee et al. 2024, "nnU-Net revisited"): a stem conv, then
+  :data:`RESENC_BLOCKS` residual blocks per encoder stage and one conv per
+  decoder stage.
 
 Inputs are ``(B, C, X, Y, Z)``; every spatial size must be divisible by
 ``2 ** (depth - 1)``.
@@ -23,9 +27,12 @@ from torch import nn
 from pipeline.config import Config
 from pipeline.errors import ConfigError
 
-ARCHS = ("seed", "unet")
+ARCHS = ("seed", "unet", "resenc")
+#: Residual blocks per encoder stage of ``arch="resenc"`` (full resolution first; a network of depth ``d``
+#: takes the first ``d``), nnU-Net's ResEnc pattern.
+RESENC_BLOCKS = (1, 3, 4, 6, 6, 6, 6, 6)
 NORMS = ("instance", "batch")
-PRESETS = ("seed", "small", "medium", "brats")
+PRESETS = ("seed", "small", "small-resenc", "medium", "brats")
 
 
 @dataclass(frozen=True)
@@ -36,13 +43,14 @@ class ModelConfig(Config):
         preset: name of the preset this came from, or ``"custom"``.
         in_channels: input modalities (4: FLAIR, T1, T1ce, T2).
         out_channels: 4 for softmax classes, 3 for sigmoid WT/TC/ET regions.
-        arch: ``"seed"`` (the write-up's U-Net) or ``"unet"`` (nnU-Net-like).
+        arch: ``"seed"`` (the write-up's U-Net), ``"unet"`` (nnU-Net-like)
+            or ``"resenc"`` (nnU-Net-like with a residual encoder).
         base_width: feature channels at full resolution.
         max_width: cap on feature channels; level ``i`` has
             ``min(base_width * 2**i, max_width)``.
         depth: number of resolution levels (``depth - 1`` downsamplings).
         norm: ``"instance"`` or ``"batch"``.
-        deep_supervision: ``arch="unet"`` only; in training mode the model
+        deep_supervision: ``arch="unet"`` or ``"resenc"``; in training mode the model
             then returns a list of logits ``[full, 1/2, 1/4, ...]``.
     """
 
@@ -97,6 +105,9 @@ def model_preset(name: str, *, out_channels: int, deep_supervision: bool | None 
       InstanceNorm, deep supervision on (0.35 M parameters): under a CPU time
       budget it sees several times the patches of a wider network (step
       times: docs/benchmarks.md, "CPU training step").
+    * ``small-resenc``: ``small``'s widths with a residual encoder
+      (``arch="resenc"``: 1, 3, 4, 6 residual blocks per stage, one conv per
+      decoder stage; 1.6 M parameters, most of them in the lowest stage).
     * ``medium``: 16 ... 256 channels over 5 levels, InstanceNorm, deep
       supervision on (5.6 M parameters).
     * ``brats``: GPU, nnU-Net 3d_fullres-like for 128^3 patches: 6 levels
@@ -116,6 +127,8 @@ def model_preset(name: str, *, out_channels: int, deep_supervision: bool | None 
     presets: dict[str, dict[str, Any]] = {
         "seed": dict(arch="seed", base_width=32, max_width=128, depth=3, norm="batch", deep_supervision=False),
         "small": dict(arch="unet", base_width=8, max_width=64, depth=4, norm="instance", deep_supervision=True),
+        "small-resenc": dict(arch="resenc", base_width=8, max_width=64, depth=4, norm="instance",
+                             deep_supervision=True),
         "medium": dict(arch="unet", base_width=16, max_width=256, depth=5, norm="instance", deep_supervision=True),
         "brats": dict(arch="unet", base_width=32, max_width=320, depth=6, norm="instance", deep_supervision=True),
     }
@@ -214,13 +227,46 @@ def _stage(in_ch: int, out_ch: int, norm: str, stride: int) -> nn.Sequential:
     return nn.Sequential(ConvNormAct(in_ch, out_ch, norm, stride), ConvNormAct(out_ch, out_ch, norm))
 
 
+class ResidualBlock(nn.Module):
+    """Conv3d 3x3x3 (optionally stride 2) -> norm -> LeakyReLU -> Conv3d 3x3x3 -> norm, plus the input, then
+    LeakyReLU(0.01). Where the block downsamples or widens, the input takes a 2x2x2 average pool and a 1x1x1
+    conv -> norm on its way (nnU-Net's ``BasicBlockD``)."""
+
+    def __init__(self, in_ch: int, out_ch: int, norm: str, stride: int = 1) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            ConvNormAct(in_ch, out_ch, norm, stride),
+            nn.Conv3d(out_ch, out_ch, 3, padding=1),
+            _norm(norm, out_ch),
+        )
+        skip: list[nn.Module] = []
+        if stride != 1:
+            skip.append(nn.AvgPool3d(stride, stride))
+        if in_ch != out_ch:
+            skip += [nn.Conv3d(in_ch, out_ch, 1, bias=False), _norm(norm, out_ch)]
+        self.skip = nn.Sequential(*skip)
+        self.act = nn.LeakyReLU(0.01, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.act(self.body(x) + self.skip(x))
+        return out
+
+
+def _residual_stage(in_ch: int, out_ch: int, norm: str, stride: int, blocks: int) -> nn.Sequential:
+    return nn.Sequential(ResidualBlock(in_ch, out_ch, norm, stride),
+                         *(ResidualBlock(out_ch, out_ch, norm) for _ in range(blocks - 1)))
+
+
 class UNet3D(nn.Module):
-    """nnU-Net-like 3D U-Net (``arch="unet"``).
+    """nnU-Net-like 3D U-Net (``arch="unet"``, or ``"resenc"`` for a residual encoder).
 
     Encoder level ``i`` is two ConvNormAct blocks, the first strided (stride
     2) for ``i > 0``; the decoder upsamples with ConvTranspose3d (k2 s2),
     concatenates the skip and applies two ConvNormAct blocks. Convs use He
-    init with LeakyReLU slope 0.01, as nnU-Net does.
+    init with LeakyReLU slope 0.01, as nnU-Net does. With ``arch="resenc"``
+    a stem ConvNormAct is followed by ``RESENC_BLOCKS[i]``
+    :class:`ResidualBlock` at level ``i`` (the first strided for ``i > 0``),
+    and each decoder level applies one ConvNormAct.
 
     With ``deep_supervision`` there is one 1x1x1 head per decoder level at
     scales 1, 1/2, ..., 1/2**(depth-3) (the lowest decoder level gets none,
@@ -233,17 +279,25 @@ class UNet3D(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        if cfg.arch != "unet":
-            raise ConfigError(f"UNet3D needs arch='unet', got {cfg.arch!r}")
+        if cfg.arch not in ("unet", "resenc"):
+            raise ConfigError(f"UNet3D needs arch 'unet' or 'resenc', got {cfg.arch!r}")
         self.cfg = cfg
         w = cfg.widths
-        ins = (cfg.in_channels, *w[:-1])
-        self.encoders = nn.ModuleList(
-            _stage(i, o, cfg.norm, 1 if k == 0 else 2) for k, (i, o) in enumerate(zip(ins, w))
-        )
         levels = list(reversed(range(cfg.depth - 1)))  # decoder order: lowest first
         self.ups = nn.ModuleList(nn.ConvTranspose3d(w[i + 1], w[i], 2, stride=2) for i in levels)
-        self.decoders = nn.ModuleList(_stage(2 * w[i], w[i], cfg.norm, 1) for i in levels)
+        if cfg.arch == "resenc":
+            ins = (w[0], *w[:-1])
+            stages = [_residual_stage(i, o, cfg.norm, 1 if k == 0 else 2, RESENC_BLOCKS[k])
+                      for k, (i, o) in enumerate(zip(ins, w))]
+            stages[0] = nn.Sequential(ConvNormAct(cfg.in_channels, w[0], cfg.norm), *stages[0])  # the stem first
+            self.encoders = nn.ModuleList(stages)
+            self.decoders = nn.ModuleList(nn.Sequential(ConvNormAct(2 * w[i], w[i], cfg.norm)) for i in levels)
+        else:
+            ins = (cfg.in_channels, *w[:-1])
+            self.encoders = nn.ModuleList(
+                _stage(i, o, cfg.norm, 1 if k == 0 else 2) for k, (i, o) in enumerate(zip(ins, w))
+            )
+            self.decoders = nn.ModuleList(_stage(2 * w[i], w[i], cfg.norm, 1) for i in levels)
         n_heads = max(1, cfg.depth - 2) if cfg.deep_supervision else 1
         self.heads = nn.ModuleList(nn.Conv3d(w[i], cfg.out_channels, 1) for i in range(n_heads))
         self.apply(_he_init)

@@ -7,7 +7,9 @@ import torch
 
 from pipeline.errors import ConfigError
 from pipeline.model import (
+    RESENC_BLOCKS,
     ModelConfig,
+    ResidualBlock,
     SeedUNet3D,
     UNet3D,
     build_model,
@@ -87,6 +89,46 @@ def test_unet_channel_widths_and_norm() -> None:
     assert norms and all(m.affine and m.eps == 1e-5 for m in norms)
 
 
+@pytest.mark.parametrize("depth, n_outputs", [(2, 1), (4, 2), (5, 3)])
+def test_residual_encoder_stages_and_outputs(depth: int, n_outputs: int) -> None:
+    cfg = ModelConfig(arch="resenc", base_width=4, max_width=16, depth=depth, out_channels=3, deep_supervision=True)
+    model = build_model(cfg)
+    assert isinstance(model, UNet3D)
+    blocks = [sum(isinstance(m, ResidualBlock) for m in enc.modules()) for enc in model.encoders]
+    assert blocks == list(RESENC_BLOCKS[:depth])
+    # one conv per decoder level, against two in arch="unet"
+    assert all(sum(isinstance(m, torch.nn.Conv3d) for m in dec.modules()) == 1 for dec in model.decoders)
+    plain = build_model(ModelConfig(base_width=4, max_width=16, depth=depth, out_channels=3, deep_supervision=True))
+    assert len(model.heads) == len(plain.heads) and len(model.ups) == len(plain.ups)
+    size = 2 ** (depth - 1) * 2
+    x = torch.randn(2, 4, size, size, size)
+    outs = model.train()(x)
+    assert isinstance(outs, list) and len(outs) == n_outputs
+    for k, out in enumerate(outs):
+        assert out.shape == (2, 3, size >> k, size >> k, size >> k)
+    assert model.eval()(x).shape == (2, 3, size, size, size)
+
+
+def test_residual_block_adds_its_input() -> None:
+    block = ResidualBlock(4, 4, "instance").eval()
+    x = torch.randn(1, 4, 6, 6, 6)
+    for param in block.body.parameters():  # a body that outputs zeros leaves LeakyReLU(x)
+        torch.nn.init.zeros_(param)
+    assert torch.allclose(block(x), torch.nn.functional.leaky_relu(x, 0.01))
+    assert len(block.skip) == 0
+    down = ResidualBlock(4, 8, "instance", stride=2).eval()
+    assert down(x).shape == (1, 8, 3, 3, 3)
+    assert isinstance(down.skip[0], torch.nn.AvgPool3d) and isinstance(down.skip[1], torch.nn.Conv3d)
+    # a block's parameters: two 3^3 convs with bias and their norms, the 1x1x1 projection and its norm
+    assert count_parameters(down) == _conv(4, 8, 3) + _conv(8, 8, 3) + 4 * 8 + 4 * 8 + 2 * 8
+
+
+def test_small_resenc_preset_keeps_small_widths() -> None:
+    small, res = model_preset("small", out_channels=3), model_preset("small-resenc", out_channels=3)
+    assert res.arch == "resenc" and res.widths == small.widths and res.deep_supervision
+    assert count_parameters(build_model(res)) > 3 * count_parameters(build_model(small))
+
+
 def test_bad_input_size_raises() -> None:
     model = UNet3D(ModelConfig(base_width=4, max_width=8, depth=3))
     with pytest.raises(ValueError, match="divisible"):
@@ -95,7 +137,7 @@ def test_bad_input_size_raises() -> None:
         model(torch.randn(1, 3, 8, 8, 8))
 
 
-@pytest.mark.parametrize("name", ["seed", "small", "brats"])
+@pytest.mark.parametrize("name", ["seed", "small", "small-resenc", "brats"])
 def test_presets_build(name: str) -> None:
     cfg = model_preset(name, out_channels=4)
     model = build_model(cfg)
@@ -147,7 +189,7 @@ def test_from_dict_rejects_unknown_keys_and_bad_presets() -> None:
         model_preset("small", out_channels=-1)
 
 
-@pytest.mark.parametrize("arch, norm", [("seed", "batch"), ("unet", "instance")])
+@pytest.mark.parametrize("arch, norm", [("seed", "batch"), ("unet", "instance"), ("resenc", "instance")])
 def test_channels_last_and_autocast(arch: str, norm: str) -> None:
     cfg = ModelConfig(arch=arch, norm=norm, base_width=4, max_width=16, depth=3)
     model = build_model(cfg).eval()

@@ -112,8 +112,9 @@ class TrainConfig(Config):
     run_dir: str = setting(MISSING, 'where checkpoints, TensorBoard logs and the run record go')
     preset: str | None = setting(
         None,
-        f"model preset: seed (the write-up's U-Net), small (the CPU-budget recipe's), medium (16-256 "
-        f'channels), brats (GPU, nnU-Net-sized); {RECIPE}', choices=PRESETS)
+        f"model preset: seed (the write-up's U-Net), small (the CPU-budget recipe's), small-resenc (small's "
+        f"widths with a residual encoder, as nnU-Net's ResEnc), medium (16-256 channels), brats (GPU, "
+        f'nnU-Net-sized); {RECIPE}', choices=PRESETS)
     loss_mode: str = setting(
         "regions",
         'regions (sigmoid WT/TC/ET, Dice+BCE, as nnU-Net for BraTS) or classes (softmax, Dice+CE)', choices=LOSS_MODES)
