@@ -23,6 +23,7 @@ and its saved class maps are reused.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -72,6 +73,8 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     # the kind of network: small's widths with a residual encoder (nnU-Net's ResEnc: 1, 3, 4, 6 blocks per stage,
     # one conv per decoder stage)
     "resenc": dict(preset="small-resenc"),
+    # the loss: tumour core and enhancing tumour, the regions the recipe misses most, weigh twice whole tumour
+    "weights-122": dict(region_weights=(1.0, 2.0, 2.0)),
 }
 
 
@@ -195,7 +198,7 @@ def fold_runs(name: str, overrides: dict[str, Any], cache: Path, workdir: Path, 
 
 #: The settings that decide what a fold run learns (not where or how fast it ran, nor ``ema``, which trains nothing).
 TRAINED_AS = ("preset", "patch_size", "batch_size", "optimizer", "lr", "schedule", "weight_decay", "p_fg", "augment",
-              "loss_mode", "batch_dice", "deep_supervision", "seed")
+              "loss_mode", "batch_dice", "region_weights", "deep_supervision", "seed")
 
 
 def check_trained_as(name: str, run: Path, cfg: TrainConfig) -> None:
@@ -208,7 +211,11 @@ def check_trained_as(name: str, run: Path, cfg: TrainConfig) -> None:
     """
     stored = json.loads(json.dumps(load_state(RunDir(run).last).train_config))
     now = json.loads(json.dumps(resolve(cfg, "cpu", cpu_bf16()).to_dict()))
-    differ = {k: (stored.get(k), now[k]) for k in TRAINED_AS if stored.get(k) != now[k]}
+    # a setting the run's version did not have trained at its default then
+    defaults = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(TrainConfig)
+                                      if f.name in TRAINED_AS}))
+    stored = {k: stored.get(k, defaults.get(k)) for k in TRAINED_AS}
+    differ = {k: (stored[k], now[k]) for k in TRAINED_AS if stored[k] != now[k]}
     if differ:
         detail = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())
         raise SystemExit(f"{run} trained otherwise than {name!r} trains on this machine ({detail}): "

@@ -73,7 +73,7 @@ def add_settings(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls:
     """One flag per field of the settings dataclass ``cls`` (but ``skip``), from its :func:`setting` metadata.
 
     The type comes from the annotation: ``int``, ``float`` and ``str`` (``int | str`` reads a string);
-    ``tuple[int, int, int]`` takes three numbers; ``bool`` is a ``--x`` / ``--no-x`` switch; ``bool | None``
+    ``tuple[int, int, int]`` takes three numbers, ``tuple[float, ...]`` one or more; ``bool`` is a ``--x`` / ``--no-x`` switch; ``bool | None``
     takes true or false (None keeps the meaning its help gives). A field without a default is required.
     ``dest`` is always the field's name, so :func:`settings_from_args` finds it.
     """
@@ -92,6 +92,8 @@ def add_settings(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls:
             common["default"] = list(f.default) if isinstance(f.default, tuple) else f.default
         if kind.startswith("tuple[int"):
             parser.add_argument(flag, type=int, nargs=3, **{"metavar": ("X", "Y", "Z"), **common})
+        elif kind.startswith("tuple[float"):
+            parser.add_argument(flag, type=float, nargs="+", **common)
         elif kind == "bool" and meta.get("switch", True):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
         elif kind in ("bool", "bool|None"):

@@ -55,6 +55,11 @@ class LossConfig(Config):
         dice_weight: weight of the Dice term.
         ce_weight: weight of the cross-entropy (or BCE) term.
         labels: the label scheme (:data:`pipeline.brats.SCHEMES`): ``"glioma"`` or ``"glioma-rc"``.
+        region_weights: one weight per scored channel (regions WT/TC/ET, or
+            classes NCR/ED/ET; with the resection cavity one more) in both
+            the Dice mean and the (B)CE, normalised to mean 1 so the loss
+            keeps its scale; the background class keeps weight 1 in the CE.
+            Empty: all equal.
     """
 
     mode: str = "classes"
@@ -63,10 +68,16 @@ class LossConfig(Config):
     dice_weight: float = 1.0
     ce_weight: float = 1.0
     labels: str = GLIOMA.name
+    region_weights: tuple[float, ...] = ()
 
     @property
     def scheme(self) -> LabelScheme:
         return SCHEMES[self.labels]
+
+    @property
+    def scored_channels(self) -> int:
+        """Channels the Dice term scores: every region, or every class but the background."""
+        return num_outputs(self.mode, self.scheme) - (self.mode == "classes")
 
     def __post_init__(self) -> None:
         num_outputs(self.mode)  # validates mode
@@ -77,6 +88,17 @@ class LossConfig(Config):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        if not isinstance(self.region_weights, (tuple, list)):
+            raise ConfigError(f"region_weights must be a sequence of numbers, got {self.region_weights!r}")
+        object.__setattr__(self, "region_weights", tuple(self.region_weights))
+        if self.region_weights:
+            bad = [w for w in self.region_weights
+                   if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0]
+            if bad or len(self.region_weights) != self.scored_channels:
+                raise ConfigError(
+                    f"region_weights must be {self.scored_channels} finite numbers > 0 (one per "
+                    f"{'region' if self.mode == 'regions' else 'tumour class'} of loss mode {self.mode!r} with "
+                    f"labels {self.labels!r}), got {self.region_weights!r}")
         if self.smooth <= 0:
             raise ConfigError(f"smooth must be > 0 (0 makes empty-vs-empty Dice 0/0), got {self.smooth!r}")
         if self.dice_weight < 0 or self.ce_weight < 0 or self.dice_weight + self.ce_weight == 0:
@@ -145,7 +167,8 @@ def labels_to_regions(label: torch.Tensor, scheme: LabelScheme = GLIOMA) -> torc
 
 
 def soft_dice_loss(
-    probs: torch.Tensor, target_onehot: torch.Tensor, *, batch_dice: bool, smooth: float
+    probs: torch.Tensor, target_onehot: torch.Tensor, *, batch_dice: bool, smooth: float,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """1 - mean soft Dice over channels, nnU-Net style.
 
@@ -162,6 +185,7 @@ def soft_dice_loss(
         batch_dice: sum the counts over the batch too (one Dice per channel)
             instead of averaging the per-sample Dice.
         smooth: > 0.
+        weights: (C,) float > 0, a weighted mean over the channels (None: equal).
 
     Returns:
         () float32 scalar in [0, 1].
@@ -178,7 +202,9 @@ def soft_dice_loss(
     # 2tp + fp + fn == sum(probs) + sum(target)
     denom = probs.sum(axes) + target.sum(axes)
     dc = (2 * tp + smooth) / torch.clamp(denom + smooth, min=1e-8)
-    return 1.0 - dc.mean()
+    if weights is None:
+        return 1.0 - dc.mean()
+    return 1.0 - (dc * weights).sum(-1).mean() / weights.sum()
 
 
 def _downsample_label(label: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -203,6 +229,8 @@ class SegmentationLoss(nn.Module):
         self.cfg = cfg
         self.scheme = cfg.scheme
         self.channels = num_outputs(cfg.mode, self.scheme)
+        weights = torch.tensor(cfg.region_weights or [1.0] * cfg.scored_channels, dtype=torch.float32)
+        self.weights: torch.Tensor | None = weights / weights.mean() if cfg.region_weights else None
 
     def forward(self, logits: torch.Tensor | Sequence[torch.Tensor], label: torch.Tensor) -> torch.Tensor:
         """Loss of one batch.
@@ -241,13 +269,14 @@ class SegmentationLoss(nn.Module):
     def _single(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         """Dice + CE at one scale; logits (B, C, X, Y, Z) float32, label (B, X, Y, Z) int64."""
         cfg = self.cfg
+        w = None if self.weights is None else self.weights.to(logits.device)
         if cfg.mode == "classes":
             probs = torch.softmax(logits, dim=1)[:, 1:]
             target = _onehot(label, self.scheme.num_classes)[:, 1:]
-            ce = F.cross_entropy(logits, label)
+            ce = F.cross_entropy(logits, label, weight=None if w is None else torch.cat([w.new_ones(1), w]))
         else:
             probs = torch.sigmoid(logits)
             target = _regions(label, self.scheme)
-            ce = F.binary_cross_entropy_with_logits(logits, target)
-        dice = soft_dice_loss(probs, target, batch_dice=cfg.batch_dice, smooth=cfg.smooth)
+            ce = F.binary_cross_entropy_with_logits(logits, target, weight=None if w is None else w.view(1, -1, 1, 1, 1))
+        dice = soft_dice_loss(probs, target, batch_dice=cfg.batch_dice, smooth=cfg.smooth, weights=w)
         return cfg.dice_weight * dice + cfg.ce_weight * ce

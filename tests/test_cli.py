@@ -46,9 +46,11 @@ def test_no_flags_give_the_defaults(parser, cls, argv, given) -> None:  # type: 
 
 def test_flags_reach_their_fields() -> None:
     args = train_parser().parse_args(["--cache-dir", "c", "--run-dir", "r", "--patch-size", "32", "32", "16",
-                                      "--compile", "false", "--sync-bn", "true", "--fold", "all", "--lr", "0.01"])
+                                      "--compile", "false", "--sync-bn", "true", "--fold", "all", "--lr", "0.01",
+                                      "--region-weights", "1", "2", "2.5"])
     cfg = settings_from_args(TrainConfig, args)
     assert (cfg.patch_size, cfg.compile, cfg.sync_bn, cfg.fold, cfg.lr) == ((32, 32, 16), False, True, "all", 0.01)
+    assert cfg.region_weights == (1.0, 2.0, 2.5)
     cfg = settings_from_args(PredictConfig, predict_parser().parse_args(
         ["--run", "r", "--input", "i", "--output", "o", "--no-mirror", "--no-postprocessing", "--et-threshold",
          "0", "--save-probabilities"]))

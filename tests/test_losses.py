@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pipeline.errors import ConfigError
 from pipeline.losses import (
@@ -128,6 +129,50 @@ def test_config_round_trip_and_validation() -> None:
         LossConfig(dice_weight=float("nan"))
     with pytest.raises(ConfigError, match="gamma"):
         LossConfig.from_dict({"mode": "classes", "gamma": 2.0})
+
+
+@pytest.mark.parametrize("batch_dice", [False, True])
+def test_region_weights_weigh_each_region_in_dice_and_bce(batch_dice: bool) -> None:
+    label = _label()
+    logits = torch.randn(2, 3, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+    plain = SegmentationLoss(LossConfig(mode="regions", batch_dice=batch_dice))(logits, label)
+    equal = SegmentationLoss(LossConfig(mode="regions", batch_dice=batch_dice, region_weights=(2.0, 2.0, 2.0)))
+    assert torch.allclose(equal(logits, label), plain)  # normalised: equal weights are no weights
+    weights = torch.tensor([1.0, 2.0, 3.0])
+    loss = SegmentationLoss(LossConfig(mode="regions", batch_dice=batch_dice, region_weights=(1.0, 2.0, 3.0)))
+    target, probs = labels_to_regions(label), torch.sigmoid(logits)
+    dice = torch.stack([soft_dice_loss(probs[:, c:c + 1], target[:, c:c + 1], batch_dice=batch_dice, smooth=1e-5)
+                        for c in range(3)])
+    bce = torch.stack([F.binary_cross_entropy_with_logits(logits[:, c], target[:, c]) for c in range(3)])
+    expected = (weights * dice).sum() / weights.sum() + (weights / weights.mean() * bce).mean()
+    assert torch.allclose(loss(logits, label), expected, atol=1e-6)
+    assert not torch.allclose(loss(logits, label), plain)
+
+
+def test_class_weights_keep_the_background_at_one() -> None:
+    label = _label()
+    logits = torch.randn(2, 4, 8, 8, 8, generator=torch.Generator().manual_seed(1))
+    loss = SegmentationLoss(LossConfig(mode="classes", region_weights=(1.0, 1.0, 4.0), dice_weight=0.0))
+    weights = torch.tensor([1.0, 1.0, 1.0, 4.0]) / 2.0  # background 1, then (1, 1, 4) over their mean 2
+    weights[0] = 1.0
+    assert torch.allclose(loss(logits, label), F.cross_entropy(logits, label, weight=weights), atol=1e-6)
+
+
+def test_region_weights_are_validated_and_round_trip() -> None:
+    cfg = LossConfig(mode="regions", region_weights=[1, 2, 2])  # type: ignore[arg-type]
+    assert cfg.region_weights == (1, 2, 2) and LossConfig.from_dict(cfg.to_dict()) == cfg
+    assert LossConfig.from_dict({**cfg.to_dict(), "region_weights": [1, 2, 2]}) == cfg  # as JSON gives it back
+    for bad in [(1.0, 2.0), (1.0, 0.0, 1.0), (1.0, -1.0, 1.0), (1.0, float("inf"), 1.0), (True, 1.0, 1.0)]:
+        with pytest.raises(ConfigError, match="3 finite numbers > 0 .*region"):
+            LossConfig(mode="regions", region_weights=bad)
+    with pytest.raises(ConfigError, match="tumour class"):
+        LossConfig(mode="classes", region_weights=(1.0, 1.0, 1.0, 1.0))
+    # with the resection cavity there are four regions
+    assert LossConfig(mode="regions", labels="glioma-rc", region_weights=(1.0, 1.0, 1.0, 2.0)).scored_channels == 4
+    with pytest.raises(ConfigError, match="4 finite numbers"):
+        LossConfig(mode="regions", labels="glioma-rc", region_weights=(1.0, 2.0, 2.0))
+    with pytest.raises(ConfigError, match="sequence"):
+        LossConfig(region_weights=2.0)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from benchmarks.quality import (
     CANDIDATES,
@@ -72,3 +73,11 @@ def test_a_saved_fold_run_is_reused_only_as_the_candidate_it_was(tiny_cache, tmp
     # a candidate that leaves the patch to the recipe means 64^3 or 96^3 here, not the run's 16^3
     with pytest.raises(SystemExit, match=r"patch_size: \[16, 16, 16\] there"):
         check_trained_as("recipe", tmp_path / "run", TrainConfig(**{**given, "patch_size": None}))
+    with pytest.raises(SystemExit, match=r"region_weights: \[\] there, \[1.0, 2.0, 2.0\] now"):
+        check_trained_as("weights", tmp_path / "run", TrainConfig(**{**given, "region_weights": (1.0, 2.0, 2.0)}))
+    # a run saved by a version without a setting trained at its default then, and is reused as such
+    last = tmp_path / "run" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    del state["train_config"]["region_weights"]
+    torch.save(state, last)
+    check_trained_as("same", tmp_path / "run", TrainConfig(**given))

@@ -273,14 +273,21 @@ def test_resume_keeps_the_split_and_refuses_changed_settings(tiny_cache, tmp_pat
         [16, 16, 16], "small", 2, 4)
 
 
-def test_batch_dice_is_a_setting_of_the_run_and_its_loss(tiny_cache, tmp_path: Path) -> None:
+def test_batch_dice_and_region_weights_are_settings_of_the_run_and_its_loss(tiny_cache, tmp_path: Path) -> None:
     cache_dir, _ = tiny_cache
-    res = subprocess.run(_train_cli(cache_dir, tmp_path / "run", "--batch-dice"), cwd=REPO, capture_output=True,
-                         text=True, timeout=300)
+    res = subprocess.run(_train_cli(cache_dir, tmp_path / "run", "--batch-dice", "--region-weights", "1", "2", "2"),
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert state["loss_config"]["batch_dice"] is True and state["train_config"]["batch_dice"] is True
+    assert tuple(state["loss_config"]["region_weights"]) == (1.0, 2.0, 2.0)
+    assert tuple(state["train_config"]["region_weights"]) == (1.0, 2.0, 2.0)
     assert state["loss_config"]["labels"] == "glioma"  # no case with the resection cavity
+    # one weight too few is refused before anything trains, naming what it needs
+    res = subprocess.run(_train_cli(cache_dir, tmp_path / "run2", "--region-weights", "1", "2"),
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "region_weights must be 3 finite numbers" in res.stderr
+    assert not (tmp_path / "run2" / "last.pt").exists()
 
 
 def test_defaults_follow_the_device() -> None:

@@ -122,6 +122,10 @@ class TrainConfig(Config):
         False, "pool the Dice counts of the batch's patches (one Dice per region and batch, as nnU-Net's 3d_fullres "
         "trains) instead of averaging a Dice per patch, where a patch without a region's voxels is penalised for "
         "any voxel predicted there")
+    region_weights: tuple[float, ...] = setting(
+        (), "one loss weight per region (WT TC ET; per tumour class NCR ED ET with --loss-mode classes; one more "
+        "with the resection cavity) in both the Dice mean and the (B)CE, normalised to mean 1; default: all equal",
+        metavar="W")
     deep_supervision: bool | None = setting(None, "true/false; default: the preset's")
     patch_size: tuple[int, int, int] | None = setting(None, f'patch size in voxels per axis; {RECIPE}')
     batch_size: int | None = setting(None, f'patches per step (per rank under torchrun); {RECIPE}')
@@ -187,6 +191,8 @@ class TrainConfig(Config):
     def __post_init__(self) -> None:
         if self.patch_size is not None:
             object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+        if isinstance(self.region_weights, (list, tuple)):
+            object.__setattr__(self, "region_weights", tuple(self.region_weights))
         fold = self.fold
         if isinstance(fold, str) and fold != ALL:
             if not fold.isdigit():
@@ -239,6 +245,7 @@ class RunConfig(Config):
     preset: str
     loss_mode: str
     batch_dice: bool
+    region_weights: tuple[float, ...]
     deep_supervision: bool | None
     patch_size: tuple[int, int, int]
     batch_size: int
