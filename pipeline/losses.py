@@ -229,7 +229,7 @@ class SegmentationLoss(nn.Module):
         self.cfg = cfg
         self.scheme = cfg.scheme
         self.channels = num_outputs(cfg.mode, self.scheme)
-        weights = torch.tensor(cfg.region_weights or [1.0] * cfg.scored_channels, dtype=torch.float32)
+        weights = torch.tensor(cfg.region_weights, dtype=torch.float32)
         self.weights: torch.Tensor | None = weights / weights.mean() if cfg.region_weights else None
 
     def forward(self, logits: torch.Tensor | Sequence[torch.Tensor], label: torch.Tensor) -> torch.Tensor:
