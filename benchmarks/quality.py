@@ -75,6 +75,8 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "resenc": dict(preset="small-resenc"),
     # the loss: tumour core and enhancing tumour, the regions the recipe misses most, weigh twice whole tumour
     "weights-122": dict(region_weights=(1.0, 2.0, 2.0)),
+    # the loss: squared probabilities in the Dice denominator (V-Net's form), less pull towards hedged voxels
+    "squared-dice": dict(squared_dice=True),
 }
 
 
@@ -198,7 +200,7 @@ def fold_runs(name: str, overrides: dict[str, Any], cache: Path, workdir: Path, 
 
 #: The settings that decide what a fold run learns (not where or how fast it ran, nor ``ema``, which trains nothing).
 TRAINED_AS = ("preset", "patch_size", "batch_size", "optimizer", "lr", "schedule", "weight_decay", "p_fg", "augment",
-              "loss_mode", "batch_dice", "region_weights", "deep_supervision", "seed")
+              "loss_mode", "batch_dice", "squared_dice", "region_weights", "deep_supervision", "seed")
 
 
 def check_trained_as(name: str, run: Path, cfg: TrainConfig) -> None:

@@ -50,6 +50,10 @@ class LossConfig(Config):
         batch_dice: pool Dice statistics over the batch (one Dice per class
             for the whole batch) instead of averaging per-sample Dice. Less
             noisy when patches often lack a class.
+        squared_dice: square the predicted probabilities in the Dice
+            denominator (``2 tp / (sum p^2 + sum t)``, V-Net's form): a
+            confident voxel costs as before, an unsure one less, so the
+            gradient pushes less towards hedged, smeared-out predictions.
         smooth: added to Dice numerator and denominator; tiny, so that an
             empty prediction is not rewarded where the target is non-empty.
         dice_weight: weight of the Dice term.
@@ -64,6 +68,7 @@ class LossConfig(Config):
 
     mode: str = "classes"
     batch_dice: bool = False
+    squared_dice: bool = False
     smooth: float = 1e-5
     dice_weight: float = 1.0
     ce_weight: float = 1.0
@@ -82,8 +87,9 @@ class LossConfig(Config):
     def __post_init__(self) -> None:
         num_outputs(self.mode)  # validates mode
         scheme_named(self.labels)
-        if not isinstance(self.batch_dice, bool):
-            raise ConfigError(f"batch_dice must be a bool, got {self.batch_dice!r}")
+        for name in ("batch_dice", "squared_dice"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("smooth", "dice_weight", "ce_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -168,7 +174,7 @@ def labels_to_regions(label: torch.Tensor, scheme: LabelScheme = GLIOMA) -> torc
 
 def soft_dice_loss(
     probs: torch.Tensor, target_onehot: torch.Tensor, *, batch_dice: bool, smooth: float,
-    weights: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None, squared: bool = False,
 ) -> torch.Tensor:
     """1 - mean soft Dice over channels, nnU-Net style.
 
@@ -186,6 +192,9 @@ def soft_dice_loss(
             instead of averaging the per-sample Dice.
         smooth: > 0.
         weights: (C,) float > 0, a weighted mean over the channels (None: equal).
+        squared: the denominator sums the squared probabilities,
+            ``(2 tp + smooth) / (sum p^2 + sum t + smooth)`` (the target is
+            binary, so its square is itself).
 
     Returns:
         () float32 scalar in [0, 1].
@@ -200,7 +209,7 @@ def soft_dice_loss(
     target = target_onehot.float()
     tp = (probs * target).sum(axes)
     # 2tp + fp + fn == sum(probs) + sum(target)
-    denom = probs.sum(axes) + target.sum(axes)
+    denom = (probs.square() if squared else probs).sum(axes) + target.sum(axes)
     dc = (2 * tp + smooth) / torch.clamp(denom + smooth, min=1e-8)
     if weights is None:
         return 1.0 - dc.mean()
@@ -278,5 +287,6 @@ class SegmentationLoss(nn.Module):
             probs = torch.sigmoid(logits)
             target = _regions(label, self.scheme)
             ce = F.binary_cross_entropy_with_logits(logits, target, weight=None if w is None else w.view(1, -1, 1, 1, 1))
-        dice = soft_dice_loss(probs, target, batch_dice=cfg.batch_dice, smooth=cfg.smooth, weights=w)
+        dice = soft_dice_loss(probs, target, batch_dice=cfg.batch_dice, smooth=cfg.smooth, weights=w,
+                              squared=cfg.squared_dice)
         return cfg.dice_weight * dice + cfg.ce_weight * ce

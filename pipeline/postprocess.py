@@ -85,6 +85,8 @@ class PostProcessing(Config):
             helped, cases hurt, cases where it destroys a region, whether it
             runs unguarded), helped and hurt by the case's mean Dice over
             regions against no post-processing.
+        chosen_with: how the predictions that chose were made (their weights and mirroring, as
+            :func:`train.predictor.inference_of` says it; empty in files written before it was recorded).
         version: :data:`FORMAT_VERSION` of the file.
     """
 
@@ -99,6 +101,7 @@ class PostProcessing(Config):
     guard_components: bool = True
     guard_et_distance: bool = True
     effects: tuple[tuple[str, int, int, int, bool], ...] = ()
+    chosen_with: str = ""
     version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -113,6 +116,8 @@ class PostProcessing(Config):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be an int >= 0, got {value!r}")
+        if not isinstance(self.chosen_with, str):
+            raise ConfigError(f"chosen_with must be a string, got {self.chosen_with!r}")
         for name in ("keep_largest", "guard_components", "guard_et_distance"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be a bool, got {getattr(self, name)!r}")

@@ -196,7 +196,7 @@ def test_an_older_postprocessing_file_is_read_with_a_note_and_a_newer_one_refuse
         load_postprocessing(tmp_path)
 
 
-def test_predict_applies_the_runs_postprocessing_unless_told_not_to(raw_dir: Path, tmp_path: Path) -> None:
+def test_predict_applies_the_runs_postprocessing_unless_told_not_to(raw_dir: Path, tmp_path: Path, capsys) -> None:
     run = tmp_path / "run"
     run.mkdir()
     tiny_checkpoint(run / "last.pt")
@@ -216,6 +216,13 @@ def test_predict_applies_the_runs_postprocessing_unless_told_not_to(raw_dir: Pat
     assert not (post_pred > 0).any()  # every component is smaller than the minimum
     record = json.loads((tmp_path / "post" / "predict_record.json").read_text())
     assert record["postprocessing"]["min_component"] == 10**9
+    assert "chosen on predictions with" not in capsys.readouterr().err  # the file does not say how it was chosen
+    # chosen on the moving average's mirrored predictions: predicting otherwise says so, as it was chosen does not
+    (run / "postprocessing.json").write_text(json.dumps({**drop_all.to_dict(), "chosen_with": "ema weights, mirrored"}))
+    run_predict(run, tmp_path / "other", CPU, input_dir=raw_dir, case_ids=[cid], progress=False)
+    err = capsys.readouterr().err
+    assert "chosen on predictions with ema weights, mirrored; these are made with final weights, " in err
+    assert not (np.asanyarray(nib.load(tmp_path / "other" / f"{cid}.nii.gz").dataobj) > 0).any()  # still applied
     (run / "postprocessing.json").write_text("{\"bogus\": 1}")
     with pytest.raises(CheckpointError, match="not valid post-processing"):
         run_predict(run, tmp_path / "bad", CPU, input_dir=raw_dir, case_ids=[cid], progress=False)
@@ -239,6 +246,8 @@ def test_postprocess_cli_chooses_on_pooled_folds_and_stores_everywhere(tiny_cach
     stored = [load_postprocessing(r) for r in (*runs, target)]
     assert stored[0] is not None and stored[0].chosen_on == tuple(sorted(ids))
     assert stored[0] == stored[1] == stored[2]
+    assert stored[0].chosen_with == "final weights, mirrored"  # what the pooled predictions were made with
+    assert "(final weights, mirrored)" in res.stdout
     overlap = subprocess.run([sys.executable, "-m", "train.postprocess", "--runs", str(runs[1]), str(runs[1]),
                               "--device", "cpu", "--no-progress"], cwd=REPO, capture_output=True, text=True,
                              timeout=300)

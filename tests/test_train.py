@@ -78,6 +78,31 @@ def test_a_step_with_non_finite_gradients_is_recomputed_in_float32_or_not_taken(
     assert all(torch.equal(a, p) for a, p in zip(after, parts.model.parameters())), "a NaN step was taken"
 
 
+def test_a_step_the_grad_scaler_skips_is_counted_and_leaves_the_moving_average(tiny_cache, tmp_path: Path) -> None:
+    # fp16 training's grad scaler (CUDA in a run; the same class on the CPU here) skips a step whose
+    # gradients are not finite: the step counts as skipped and the weights' moving average stays put
+    cache_dir, ids = tiny_cache
+    cfg = TrainConfig(cache_dir=str(cache_dir), run_dir=str(tmp_path / "run"), amp="none", ema=0.9,
+                      augment="none", optimizer="adamw", lr=1e-3, **{**FAST, "workers": 0})
+    parts = build(cfg)
+    parts.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=True)
+    spec = PatchSpec(tuple(parts.cfg.patch_size), 1.0, seed=0)
+    batch = next(iter(make_batches(PatchDataset(cache_dir, ids, spec, 2), BatchPlan(parts.cfg.loader, 0, 1, 2))))
+    assert parts.ema is not None
+    out = train_step(parts, batch, 1e-3)  # a finite step through the scaler moves both
+    assert out["skipped"] == 0.0 and parts.ema.state_dict()["updates"] == 1
+    weights = [p.detach().clone() for p in parts.model.parameters()]
+    average = {k: v.clone() for k, v in parts.ema.state_dict()["weights"].items()}
+
+    parts.step_model = FailsUnderAutocast(parts.model, always=True)
+    out = train_step(parts, batch, 1e-3)
+    assert (out["retried"], out["skipped"]) == (0.0, 1.0)
+    assert parts.scaler.get_scale() == 2.0**9  # the scaler saw it too, and backed off
+    assert all(torch.equal(a, p) for a, p in zip(weights, parts.model.parameters())), "a NaN step was taken"
+    state = parts.ema.state_dict()
+    assert state["updates"] == 1 and all(torch.equal(average[k], v) for k, v in state["weights"].items())
+
+
 def test_a_diverged_run_stops_with_a_clear_error_and_finite_weights(tiny_cache, tmp_path: Path) -> None:
     # lr 1e30: the first step blows the weights up, every later one overflows, even in float32
     cache_dir, _ = tiny_cache
@@ -273,13 +298,15 @@ def test_resume_keeps_the_split_and_refuses_changed_settings(tiny_cache, tmp_pat
         [16, 16, 16], "small", 2, 4)
 
 
-def test_batch_dice_and_region_weights_are_settings_of_the_run_and_its_loss(tiny_cache, tmp_path: Path) -> None:
+def test_batch_dice_squared_dice_and_region_weights_are_settings_of_the_run_and_its_loss(tiny_cache, tmp_path: Path) -> None:
     cache_dir, _ = tiny_cache
-    res = subprocess.run(_train_cli(cache_dir, tmp_path / "run", "--batch-dice", "--region-weights", "1", "2", "2"),
+    res = subprocess.run(_train_cli(cache_dir, tmp_path / "run", "--batch-dice", "--squared-dice",
+                                    "--region-weights", "1", "2", "2"),
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert state["loss_config"]["batch_dice"] is True and state["train_config"]["batch_dice"] is True
+    assert state["loss_config"]["squared_dice"] is True and state["train_config"]["squared_dice"] is True
     assert tuple(state["loss_config"]["region_weights"]) == (1.0, 2.0, 2.0)
     assert tuple(state["train_config"]["region_weights"]) == (1.0, 2.0, 2.0)
     assert state["loss_config"]["labels"] == "glioma"  # no case with the resection cavity

@@ -122,6 +122,9 @@ class TrainConfig(Config):
         False, "pool the Dice counts of the batch's patches (one Dice per region and batch, as nnU-Net's 3d_fullres "
         "trains) instead of averaging a Dice per patch, where a patch without a region's voxels is penalised for "
         "any voxel predicted there")
+    squared_dice: bool = setting(
+        False, "square the predicted probabilities in the Dice denominator (2 tp / (sum p^2 + sum t), V-Net's "
+        "form), which penalises unsure voxels less than the plain soft Dice does")
     region_weights: tuple[float, ...] = setting(
         (), "one loss weight per region (WT TC ET; per tumour class NCR ED ET with --loss-mode classes; one more "
         "with the resection cavity) in both the Dice mean and the (B)CE, normalised to mean 1; default: all equal",
@@ -245,6 +248,7 @@ class RunConfig(Config):
     preset: str
     loss_mode: str
     batch_dice: bool
+    squared_dice: bool
     region_weights: tuple[float, ...]
     deep_supervision: bool | None
     patch_size: tuple[int, int, int]

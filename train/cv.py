@@ -24,7 +24,7 @@ from train import distributed
 from train import predictor as L
 from train.cli import build_parser as train_parser
 from train.config import ALL, DEFAULT_FOLDS, TrainConfig
-from train.postprocess import out_of_fold, write_postprocessing
+from train.postprocess import choose_out_of_fold, write_postprocessing
 from train.run import RunDir
 
 
@@ -50,7 +50,6 @@ def run_cv(base: TrainConfig, n_folds: int, with_all: bool = True, progress: boo
 
 def _run_cv(base: TrainConfig, root: Path, n_folds: int, with_all: bool, progress: bool, overwrite: bool
             ) -> list[Path]:
-    from pipeline.postprocess import choose
     from train.trainer import fit
 
     folds = fold_runs(root, n_folds)
@@ -65,11 +64,10 @@ def _run_cv(base: TrainConfig, root: Path, n_folds: int, with_all: bool, progres
         fresh = overwrite or not folder.has_checkpoint()  # nothing to keep in a run killed before its first epoch
         fit(TrainConfig.from_dict(fields), resume=resume, overwrite=fresh and not resume, progress=progress)
     if distributed.from_env().main:  # under torchrun the folds train on every rank; rank 0 chooses alone
-        preds, truths = out_of_fold(folds, L.PredictConfig(), progress=progress)
-        post = choose(preds, truths)
+        post, n = choose_out_of_fold(folds, L.PredictConfig(), progress=progress)
         for run, _ in jobs:
             write_postprocessing(run, post)
-        print(f"post-processing chosen on {len(preds)} out-of-fold cases: {post.describe()}", flush=True)
+        print(f"post-processing chosen on {n} out-of-fold cases ({post.chosen_with}): {post.describe()}", flush=True)
     return [run for run, _ in jobs]
 
 

@@ -75,8 +75,8 @@ def build(given: TrainConfig) -> Parts:
     split = make_split(labelled, cfg)
     # the classes of the labelled cases: with the resection cavity if any case has it (BraTS 2024)
     scheme = max((cases[c].scheme for c in labelled), key=lambda s: s.num_classes, default=GLIOMA)
-    loss_cfg = LossConfig(mode=cfg.loss_mode, batch_dice=cfg.batch_dice, labels=scheme.name,
-                          region_weights=cfg.region_weights)
+    loss_cfg = LossConfig(mode=cfg.loss_mode, batch_dice=cfg.batch_dice, squared_dice=cfg.squared_dice,
+                          labels=scheme.name, region_weights=cfg.region_weights)
     model_cfg = model_preset(cfg.preset, out_channels=num_outputs(cfg.loss_mode, scheme),
                              deep_supervision=cfg.deep_supervision)
     if cfg.sync_bn and model_cfg.norm != "batch":

@@ -12,6 +12,7 @@ applies it by default.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,6 +56,18 @@ def out_of_fold(runs: Sequence[Path], cfg: L.PredictConfig, progress: bool = Tru
     return preds, truths
 
 
+def choose_out_of_fold(runs: Sequence[Path], cfg: L.PredictConfig, progress: bool = True
+                      ) -> tuple[PostProcessing, int]:
+    """Post-processing chosen on the pooled out-of-fold predictions of ``runs`` made as ``cfg`` says (which
+    it records), and the number of cases that chose it.
+
+    Raises:
+        CheckpointError: as :func:`out_of_fold`.
+    """
+    preds, truths = out_of_fold(runs, cfg, progress)
+    return dataclasses.replace(choose(preds, truths), chosen_with=L.inference_of(cfg)), len(preds)
+
+
 def write_postprocessing(run_dir: Path, post: PostProcessing) -> Path:
     """Write ``RUN/postprocessing.json`` atomically."""
     return RunDir(run_dir).write_postprocessing(post)
@@ -79,8 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        preds, truths = out_of_fold(args.runs, L.config_from_args(args), progress=not args.no_progress)
-        post = choose(preds, truths)
+        post, n = choose_out_of_fold(args.runs, L.config_from_args(args), progress=not args.no_progress)
         for run in [*args.runs, *args.apply_to]:
             if not run.is_dir():
                 raise CheckpointError(f"--apply-to {run}: not a run directory")
@@ -88,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (PipelineError, FileNotFoundError) as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
-    print(f"post-processing chosen on {len(preds)} out-of-fold cases: {post.describe()}")
+    print(f"post-processing chosen on {n} out-of-fold cases ({post.chosen_with}): {post.describe()}")
     effects = {e[0]: e[1:] for e in post.effects}
     for name, d, h in post.scores:
         helped, hurt, destroyed, unguarded = effects.get(name, (0, 0, 0, False))

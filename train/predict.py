@@ -57,6 +57,7 @@ from train.predictor import (
     PredictConfig,
     Predictor,
     add_inference_args,
+    chosen_otherwise,
     config_from_args,
     ensemble,
     load_cached_input,
@@ -237,6 +238,8 @@ def run_predict(
     device = distributed.rank_device(resolve_device(cfg.device), world)
     runs = [run] if isinstance(run, (str, Path)) else list(run)
     predictor = ensemble([load_predictor(load_checkpoint(r), device, cfg.weights) for r in run_checkpoints(runs)])
+    if (warning := chosen_otherwise(predictor, cfg)) and world.main:
+        print(f"warning: {redact(warning)}", file=sys.stderr)
     if input_dir is not None:
         sources, where = raw_sources(input_dir, case_ids, predictor.input_dtype, cfg.edition), str(input_dir)
     else:

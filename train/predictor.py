@@ -300,6 +300,22 @@ def load_postprocessing(run_dir: Path) -> PostProcessing | None:
     return post
 
 
+def inference_of(cfg: PredictConfig) -> str:
+    """How ``cfg`` predicts, in the words a post-processing file records it was chosen with."""
+    return f"{cfg.weights} weights, {'mirrored' if cfg.mirror else 'not mirrored'}"
+
+
+def chosen_otherwise(predictor: Predictor, cfg: PredictConfig) -> str | None:
+    """A warning when the run's post-processing was chosen on predictions made otherwise than ``cfg``'s
+    (other weights, or with mirroring where ``cfg`` has none), else None."""
+    post = predictor.post
+    if not cfg.postprocess or post is None or not post.chosen_with or post.chosen_with == inference_of(cfg):
+        return None
+    return (f"{predictor.checkpoint}: its post-processing was chosen on predictions with {post.chosen_with}; "
+            f"these are made with {inference_of(cfg)} (choose again with python -m train.postprocess and "
+            "these flags, or predict as it was chosen)")
+
+
 def postprocessing_of(predictor: Predictor, cfg: PredictConfig) -> PostProcessing | None:
     """The post-processing a prediction applies: the run's, with ``cfg``'s override, or none."""
     if not cfg.postprocess:

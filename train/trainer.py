@@ -96,7 +96,8 @@ def train_step(parts: Parts, batch: Batch, lr: float) -> dict[str, float]:
     A step whose gradients come out non-finite under bf16 autocast is recomputed in float32 (oneDNN's bf16
     convolutions on some CPUs now and then return NaN gradients for finite inputs and weights); a step whose
     gradients are still non-finite is not taken, so one bad batch never turns the weights into NaN. With
-    fp16 the gradient scaler already skips such steps. Under torchrun the gradients are averaged over the
+    fp16 the gradient scaler skips such steps itself (and lowers its scale); they count as skipped, and the
+    moving average of the weights does not move on them. Under torchrun the gradients are averaged over the
     ranks (DDP) before their norm is taken, so every rank takes the same decision; W ranks with batch b take
     the step one process takes with batch W * b (the losses are means over samples).
     """
@@ -119,7 +120,10 @@ def train_step(parts: Parts, batch: Batch, lr: float) -> dict[str, float]:
             return {"loss": loss, "lr": float(lr), "retried": retried, "skipped": 1.0}
     parts.scaler.step(parts.optimizer)
     parts.scaler.update()
-    if parts.ema is not None:
+    if parts.scaler.is_enabled() and not math.isfinite(norm):
+        # the grad scaler found the non-finite gradients too: it took no step, only lowered its scale
+        skipped = 1.0
+    elif parts.ema is not None:
         parts.ema.update(parts.model)
     return {"loss": loss, "lr": float(lr), "retried": retried, "skipped": skipped}
 
