@@ -56,12 +56,14 @@ RECIPES: dict[str, dict[str, Any]] = {
 #: component necrosis, both guarded (skipped for a case where they would take away most of a region).
 #: Chosen on the pooled, mirrored out-of-fold predictions of the CPU recipe's 3-fold cross-validation on the
 #: 17 real cases at 35 minutes; each fold's own choice, made on the other folds only, helped 14 of 17 cases
-#: and hurt none (docs/benchmarks.md, "Quality on real cases"). The CUDA recipe starts from the same rule
-#: until its own folds choose; ``python -m train.postprocess`` replaces it with a choice made on a user's
-#: own folds.
+#: and hurt none (docs/benchmarks.md, "Quality on real cases"). The float32 CPU recipe keeps the largest
+#: tumour component (guarded), the pooled choice of its own 3-fold cross-validation, made the same way (each
+#: fold's choice on the other folds helped 16 of 17 cases and hurt one, by 0.039: docs/benchmarks.md, "A
+#: recipe for CPUs without native bf16"). The CUDA recipe starts from the bf16 CPU rule until its own folds
+#: choose; ``python -m train.postprocess`` replaces it with a choice made on a user's own folds.
 RECIPE_POSTPROCESSING: dict[str, PostProcessing] = {
     "cpu": PostProcessing(max_distance=10, et_max_distance=10),
-    "cpu-float32": PostProcessing(max_distance=10, et_max_distance=10),
+    "cpu-float32": PostProcessing(keep_largest=True),
     "cuda": PostProcessing(max_distance=10, et_max_distance=10),
 }
 
